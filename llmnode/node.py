@@ -131,13 +131,17 @@ class ModelRuntime:
                     f"model {self.model.id!r} is held back after repeated crashes "
                     f"(last error: {self.last_error}); retry in {retry:.0f} s",
                     retry_after=retry))
-            operation = defer.Deferred.fromCoroutine(self._run_start())
-            self._start = _Shared(operation)
-            operation.addBoth(self._start_done)
+            return self._begin("_start", self._run_start()).wait()
         return self._start.wait()
 
-    def _start_done(self, result) -> None:
-        self._start = None
+    def _begin(self, slot: str, coroutine) -> "_Shared":
+        """Run C{coroutine} as the operation held in C{slot} until it finishes."""
+        operation = defer.Deferred.fromCoroutine(coroutine)
+        shared = _Shared(operation)
+        if not shared.done:
+            setattr(self, slot, shared)
+            operation.addBoth(lambda _: setattr(self, slot, None))
+        return shared
 
     async def _run_start(self):
         if self._stop is not None:
@@ -183,7 +187,8 @@ class ModelRuntime:
             self.state = FAILED
             self.last_error = message
             self.last_error_at = self._clock.seconds()
-            self.history.record()
+            if not isinstance(error, Unavailable):
+                self.history.record()
         self.node.changed()
 
     def _as_unavailable(self, error: Exception) -> Exception:
@@ -206,9 +211,7 @@ class ModelRuntime:
         self.log.error("{model} crashed: {status}", model=self.model.id, status=status)
         # The rest of the process group is swept before the memory counts as free again, and a
         # new start waits for that.
-        operation = defer.Deferred.fromCoroutine(self._clean_after_crash(backend))
-        self._stop = _Shared(operation)
-        operation.addBoth(self._stop_done)
+        self._begin("_stop", self._clean_after_crash(backend))
 
     async def _clean_after_crash(self, backend) -> None:
         try:
@@ -223,13 +226,8 @@ class ModelRuntime:
     def stop(self) -> defer.Deferred:
         """Stop the backend (a start in progress is abandoned); fire when nothing of it is left."""
         if self._stop is None:
-            operation = defer.Deferred.fromCoroutine(self._run_stop())
-            self._stop = _Shared(operation)
-            operation.addBoth(self._stop_done)
+            return self._begin("_stop", self._run_stop()).wait()
         return self._stop.wait()
-
-    def _stop_done(self, result) -> None:
-        self._stop = None
 
     async def _run_stop(self) -> None:
         self._stop_requested = True

@@ -1,0 +1,278 @@
+"""Model runtime state logic, driven synchronously with a Clock and fake backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from llmnode.config import Config, Model, Plan, Program
+from llmnode.errors import Unavailable
+from llmnode.node import (FAILED, RUNNING, STARTING, STOPPED, CrashHistory, CrashPolicy, Node,
+                          backend_environment)
+
+
+class FakeBackend:
+    """A backend whose start, stop and exit the test controls."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.started = defer.Deferred()
+        self.stopped = 0
+        self._exits = []
+
+    async def start(self):
+        await self.started
+
+    async def stop(self):
+        self.stopped += 1
+        if not self.started.called:
+            self.started.errback(RuntimeError("killed"))
+
+    def exited(self):
+        d = defer.Deferred()
+        self._exits.append(d)
+        return d
+
+    def crash(self, status="exit status 3"):
+        for d in self._exits:
+            d.callback(status)
+
+
+@dataclass
+class FakePlacement:
+    plan: Plan
+    devices: dict = field(default_factory=lambda: {"cpu": "cpu"})
+    memory: dict = field(default_factory=lambda: {"cpu": 100})
+
+
+def make_model(model_id="m", port=10001, **kw):
+    plan = Plan(name="CPU", required_devices=("cpu",), script_path="true",
+                memory_mb={"cpu": 100}, env={"A": "1"})
+    return Model(id=model_id, mode="Chat", port=port, plans=(plan,), **kw)
+
+
+class Harness:
+    def __init__(self, models=None):
+        self.clock = Clock()
+        self.backends = []
+        self.placed = []
+        self.released = []
+        self.changes = 0
+        self.place_error = None
+        config = Config(program=Program(), models=tuple(models or [make_model()]))
+        self.node = Node(config, self.clock, place=self.place, release=self.release,
+                         make_backend=self.make_backend, log_path=lambda m: f"/logs/{m.id}.log",
+                         changed=self.changed, crash_policy=CrashPolicy(limit=3, window=60,
+                                                                        hold=30))
+
+    async def place(self, runtime):
+        if self.place_error is not None:
+            raise self.place_error
+        self.placed.append(runtime.model.id)
+        return FakePlacement(runtime.model.plans[0])
+
+    def release(self, runtime):
+        self.released.append(runtime.model.id)
+
+    def make_backend(self, runtime, placement):
+        backend = FakeBackend(pid=1000 + len(self.backends))
+        self.backends.append(backend)
+        return backend
+
+    def changed(self):
+        self.changes += 1
+
+
+class StartTests(SynchronousTestCase):
+    def test_concurrent_requests_share_one_start(self):
+        h = Harness()
+        runtime = h.node.lookup("m")
+        waits = [runtime.ensure_running() for _ in range(50)]
+        self.assertEqual(len(h.backends), 1)
+        self.assertEqual(runtime.state, STARTING)
+        h.backends[0].started.callback(None)
+        results = [self.successResultOf(d) for d in waits]
+        self.assertEqual(set(results), {("127.0.0.1", 10001)})
+        self.assertEqual(runtime.state, RUNNING)
+        self.assertEqual(runtime.starts, 1)
+
+    def test_failed_start_fails_every_waiter_with_the_same_error(self):
+        h = Harness()
+        runtime = h.node.lookup("m")
+        waits = [runtime.ensure_running() for _ in range(5)]
+        h.backends[0].started.errback(RuntimeError("exited with status 1: no weights"))
+        errors = {str(self.failureResultOf(d, Unavailable).value) for d in waits}
+        self.assertEqual(len(errors), 1)
+        self.assertIn("no weights", errors.pop())
+        self.assertEqual(runtime.state, FAILED)
+        self.assertEqual(h.released, ["m"])
+        self.assertEqual(len(h.backends), 1, "no retry storm")
+
+    def test_cancelled_waiter_leaves_the_start_alone(self):
+        h = Harness()
+        runtime = h.node.lookup("m")
+        leaving = runtime.ensure_running()
+        staying = runtime.ensure_running()
+        leaving.cancel()
+        self.failureResultOf(leaving, defer.CancelledError)
+        h.backends[0].started.callback(None)
+        self.assertEqual(self.successResultOf(staying), ("127.0.0.1", 10001))
+        self.assertEqual(runtime.state, RUNNING)
+
+    def test_placement_failure_is_reported_and_releases_nothing_held(self):
+        h = Harness()
+        h.place_error = Unavailable("cannot place m: needs 100 MB on cpu, 10 MB free",
+                                    retry_after=5)
+        runtime = h.node.lookup("m")
+        failure = self.failureResultOf(runtime.ensure_running(), Unavailable)
+        self.assertIn("10 MB free", failure.value.message)
+        self.assertEqual(failure.value.retry_after, 5)
+        self.assertEqual(h.backends, [])
+        self.assertEqual(runtime.state, FAILED)
+
+    def test_running_model_answers_at_once(self):
+        h = Harness()
+        runtime = h.node.lookup("m")
+        runtime.ensure_running()
+        h.backends[0].started.callback(None)
+        self.assertEqual(self.successResultOf(runtime.ensure_running()), ("127.0.0.1", 10001))
+        self.assertEqual(len(h.backends), 1)
+
+
+class CrashTests(SynchronousTestCase):
+    def running(self, h):
+        runtime = h.node.lookup("m")
+        runtime.ensure_running()
+        h.backends[-1].started.callback(None)
+        self.assertEqual(runtime.state, RUNNING)
+        return runtime
+
+    def test_crash_changes_state_at_once(self):
+        h = Harness()
+        runtime = self.running(h)
+        h.backends[0].crash("exit status 3")
+        self.assertEqual(runtime.state, FAILED)
+        self.assertIn("exit status 3", runtime.last_error)
+        self.assertEqual(runtime.crashes, 1)
+        self.assertEqual(h.backends[0].stopped, 1, "the rest of the group is swept")
+        self.assertEqual(h.released, ["m"])
+
+    def test_next_request_restarts_after_a_crash(self):
+        h = Harness()
+        runtime = self.running(h)
+        h.backends[0].crash()
+        d = runtime.ensure_running()
+        self.assertEqual(len(h.backends), 2)
+        h.backends[1].started.callback(None)
+        self.successResultOf(d)
+        self.assertEqual(runtime.state, RUNNING)
+
+    def test_repeated_crashes_hold_the_model_back(self):
+        h = Harness()
+        for _ in range(3):
+            self.running(h)
+            h.clock.advance(5)
+            h.backends[-1].crash()
+        runtime = h.node.lookup("m")
+        failure = self.failureResultOf(runtime.ensure_running(), Unavailable)
+        self.assertIn("held back", failure.value.message)
+        self.assertAlmostEqual(failure.value.retry_after, 30)
+        self.assertEqual(len(h.backends), 3)
+        h.clock.advance(31)
+        runtime.ensure_running()
+        self.assertEqual(len(h.backends), 4, "starts are allowed again after the hold")
+
+    def test_crashes_spread_over_time_are_not_held_back(self):
+        h = Harness()
+        for _ in range(4):
+            self.running(h)
+            h.clock.advance(40)
+            h.backends[-1].crash()
+        self.assertIsNone(h.node.lookup("m").history.retry_after())
+
+    def test_exit_after_stop_is_not_a_crash(self):
+        h = Harness()
+        runtime = self.running(h)
+        self.successResultOf(runtime.stop())
+        h.backends[0].crash("killed by signal 15")
+        self.assertEqual(runtime.state, STOPPED)
+        self.assertEqual(runtime.crashes, 0)
+
+
+class StopTests(SynchronousTestCase):
+    def test_stop_releases_memory_and_sets_stopped(self):
+        h = Harness()
+        runtime = h.node.lookup("m")
+        runtime.ensure_running()
+        h.backends[0].started.callback(None)
+        self.successResultOf(runtime.stop())
+        self.assertEqual(runtime.state, STOPPED)
+        self.assertEqual(h.released, ["m"])
+        self.assertIsNone(runtime.info()["pid"])
+
+    def test_stop_while_starting_abandons_the_start(self):
+        h = Harness()
+        runtime = h.node.lookup("m")
+        waiting = runtime.ensure_running()
+        stopped = runtime.stop()
+        self.successResultOf(stopped)
+        self.assertEqual(runtime.state, STOPPED)
+        self.failureResultOf(waiting, Unavailable)
+        self.assertEqual(h.released, ["m"])
+
+    def test_stop_all_stops_every_model(self):
+        h = Harness([make_model("a", 1), make_model("b", 2)])
+        for name in "ab":
+            h.node.lookup(name).ensure_running()
+        for backend in h.backends:
+            backend.started.callback(None)
+        self.successResultOf(h.node.stop_all())
+        self.assertEqual([r.state for r in h.node.runtimes()], [STOPPED, STOPPED])
+        self.assertEqual([b.stopped for b in h.backends], [1, 1])
+
+
+class AccountingTests(SynchronousTestCase):
+    def test_last_used_is_set_when_a_request_ends(self):
+        h = Harness()
+        runtime = h.node.lookup("m")
+        runtime.request_started()
+        h.clock.advance(100)
+        self.assertEqual(runtime.in_flight, 1)
+        runtime.request_finished()
+        self.assertEqual(runtime.in_flight, 0)
+        self.assertEqual(runtime.last_used, 100)
+        self.assertEqual(runtime.requests_served, 1)
+        self.assertGreater(h.changes, 0, "placement waiters are woken")
+
+    def test_lookup_by_alias(self):
+        h = Harness([make_model("m", aliases=("gpt-4", "mm"))])
+        self.assertIs(h.node.lookup("gpt-4"), h.node.lookup("m"))
+        self.assertIsNone(h.node.lookup("M"))
+
+
+class CrashHistoryTests(SynchronousTestCase):
+    def test_hold_expires(self):
+        clock = Clock()
+        history = CrashHistory(clock, CrashPolicy(limit=2, window=10, hold=5))
+        history.record()
+        self.assertIsNone(history.retry_after())
+        history.record()
+        self.assertEqual(history.retry_after(), 5)
+        clock.advance(5)
+        self.assertIsNone(history.retry_after())
+
+
+class EnvironmentTests(SynchronousTestCase):
+    def test_backend_environment(self):
+        model = make_model()
+        placement = FakePlacement(model.plans[0], devices={"rtx": "gpu1", "cpu": "cpu"})
+        env = backend_environment(model, placement, base={"PATH": "/bin", "A": "0"})
+        self.assertEqual(env["LLMNODE_MODEL"], "m")
+        self.assertEqual(env["LLMNODE_PORT"], "10001")
+        self.assertEqual(env["CUDA_VISIBLE_DEVICES"], "1")
+        self.assertEqual(env["PATH"], "/bin")
+        self.assertEqual(env["A"], "1", "the plan's env wins over the inherited one")
+        self.assertIn("LLMNODE_PYTHON", env)
