@@ -1,13 +1,30 @@
 """The node's configuration: YAML in, frozen value objects out.
 
-Every problem in a file is reported at once, each with the YAML path of the bad value.
+Every problem in a file is reported at once, each with the YAML path of the bad value
+(C{Local-Models.Qwen-14B.Standard-Config.memory_mb: expected a mapping ...}); unknown keys are
+warnings with a "did you mean" suggestion.
+
+Two layouts load to the same models: the seed layout (C{program:} plus a C{Local-Models:}
+mapping of model id to model) and the original project's layout (models as top-level keys
+beside C{program}). A model mapping's keys are the model keys below; any other key whose value
+is a mapping with C{required_devices} is a hardware plan (tried in file order).
+
+The keys, their defaults and meaning are data: L{PROGRAM_KEYS}, L{MODEL_KEYS}, L{PLAN_KEYS}
+(name -> L{KeyDoc}). Relative paths are taken against the config file's folder. A string
+C{${env:NAME}} in C{api_keys}, C{admin_api_keys} or a plan's C{env} values is replaced by the
+environment variable NAME.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
+import os
+import re
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import yaml
 
 #: The endpoints each model mode serves (DESIGN.md).
 MODES = {
@@ -17,9 +34,41 @@ MODES = {
     "Reranker": frozenset({"rerank"}),
 }
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+
+
+class FrozenMapping(Mapping):
+    """A read-only, hashable mapping, so value objects holding one stay hashable."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, mapping=None):
+        self._items = dict(mapping or {})
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __hash__(self):
+        return hash(frozenset(self._items.items()))
+
+    def __eq__(self, other):
+        if isinstance(other, Mapping):
+            return self._items == dict(other.items())
+        return NotImplemented
+
+    def __repr__(self):
+        return f"FrozenMapping({self._items!r})"
+
 
 def _frozen(mapping=None) -> Mapping:
-    return MappingProxyType(dict(mapping or {}))
+    return FrozenMapping(mapping)
 
 
 @dataclass(frozen=True)
@@ -81,6 +130,12 @@ class Program:
     stream_idle_timeout: float = 300.0
     backend_header_timeout: float = 600.0
     placement_wait: float = 60.0
+    api_keys: tuple[str, ...] = ()
+    admin_api_keys: tuple[str, ...] = ()
+    open_health: bool = True
+    shutdown_timeout: float = 30.0
+    log_format: str = "text"
+    metrics_auth: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,3 +158,658 @@ class Config:
             if name in model.names:
                 return model
         return None
+
+
+class ConfigError(Exception):
+    """A configuration file is invalid.
+
+    @ivar problems: one line per problem, each prefixed with its YAML path.
+    @ivar warnings: the non-fatal findings made on the way.
+    """
+
+    def __init__(self, problems, warnings=()):
+        self.problems = list(problems)
+        self.warnings = list(warnings)
+        super().__init__("\n".join(self.problems))
+
+    def __str__(self):
+        return "\n".join(self.problems)
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """Documentation of one config key: its default (as written in YAML) and meaning."""
+
+    default: Any
+    meaning: str
+    required: bool = False
+
+
+PROGRAM_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
+    "host": KeyDoc("0.0.0.0", "address the node listens on"),
+    "port": KeyDoc(8080, "port the node listens on (1-65535)"),
+    "log_level": KeyDoc("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)"),
+    "log_format": KeyDoc("text", "log line format: text or json"),
+    "alive_time": KeyDoc(30, "minutes a model may stay idle before it is stopped "
+                             "(fractions ok); 0 = never"),
+    "device_plugin_dir": KeyDoc(None, "optional folder of extra device plugins (*.py)"),
+    "log_dir": KeyDoc("logs", "folder for the node's and the backends' logs"),
+    "runtime_dir": KeyDoc(None, "folder for runtime state; default: a 'run' folder "
+                                "beside log_dir"),
+    "max_body_mb": KeyDoc(64, "largest request body accepted, in MB"),
+    "health_interval": KeyDoc(0.05, "seconds between health probes of a starting "
+                                    "backend (> 0, <= 1)"),
+    "stream_idle_timeout": KeyDoc(300, "seconds a backend stream may stay silent "
+                                       "before it is aborted"),
+    "backend_header_timeout": KeyDoc(600, "seconds to wait for a backend's response "
+                                          "headers"),
+    "placement_wait": KeyDoc(60, "seconds a request waits for busy models to free "
+                                 "memory before a 503 (0 = fail at once)"),
+    "shutdown_timeout": KeyDoc(30, "seconds the node drains in-flight requests when "
+                                   "stopping"),
+    "api_keys": KeyDoc([], "bearer keys accepted on /v1 and read-only /api; empty = "
+                           "no authentication; ${env:NAME} allowed"),
+    "admin_api_keys": KeyDoc([], "bearer keys for /api actions that start or stop "
+                                 "models; ${env:NAME} allowed"),
+    "open_health": KeyDoc(True, "serve the health endpoint without a key"),
+    "metrics_auth": KeyDoc(True, "require a key for the metrics endpoint"),
+})
+
+MODEL_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
+    "aliases": KeyDoc([], "other names the model answers to (unique across models)"),
+    "mode": KeyDoc(None, "Chat, Base, Embedding or Reranker", required=True),
+    "port": KeyDoc(None, "port the backend listens on (1-65535, unique)", required=True),
+    "auto_start": KeyDoc(False, "start the model when the node starts"),
+    "alive_time": KeyDoc(None, "minutes idle before stop; default: program.alive_time; "
+                               "0 = never"),
+    "start_timeout": KeyDoc(300, "seconds a backend may take to become healthy"),
+    "health_path": KeyDoc(None, "path probed for readiness; default: /health, falling "
+                                "back to /v1/models"),
+    "upstream_model": KeyDoc(None, "rewrite the request's 'model' field to this"),
+    "stop_timeout": KeyDoc(10, "seconds between SIGTERM and SIGKILL"),
+    "max_concurrency": KeyDoc(None, "most requests forwarded at once (positive); "
+                                    "default: unlimited"),
+    "max_queue": KeyDoc(100, "most requests waiting for a concurrency slot"),
+})
+
+PLAN_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
+    "required_devices": KeyDoc(None, "device ids or product-name parts the plan needs",
+                               required=True),
+    "script_path": KeyDoc(None, "shell command line that starts the backend (run in the "
+                                "config file's folder)", required=True),
+    "memory_mb": KeyDoc({}, "device name (from required_devices) -> MB reserved"),
+    "env": KeyDoc({}, "extra environment for the script; ${env:NAME} allowed"),
+    "stop_command": KeyDoc(None, "optional shell command run to stop the backend"),
+})
+
+_TOP = "(top level)"
+_ENV_REF = re.compile(r"\$\{env:([^}]*)\}")
+_BAD = object()
+
+
+def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Config:
+    """Read and validate the file at C{path}.
+
+    @raise OSError: the file cannot be read.
+    @raise ConfigError: the file is invalid (every problem at once).
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{_TOP}: the file is not UTF-8 text ({e.reason} at byte "
+                           f"{e.start})"])
+    absolute = os.path.abspath(path)
+    return parse_config(text, path=absolute, base_dir=os.path.dirname(absolute),
+                        environ=environ)
+
+
+def parse_config(text: str, path: Optional[str] = None, base_dir: str = ".",
+                 environ: Optional[Mapping[str, str]] = None) -> Config:
+    """Validate YAML C{text}; relative paths are taken against C{base_dir}.
+
+    @param environ: the environment for C{${env:NAME}}; default C{os.environ}.
+    @raise ConfigError: the text is invalid (every problem at once).
+    """
+    checker = _Checker(os.path.abspath(base_dir),
+                       os.environ if environ is None else environ)
+    config = checker.check(text, path)
+    if checker.problems:
+        raise ConfigError(checker.problems, checker.warnings)
+    return config
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _got(value) -> str:
+    if isinstance(value, (bool, int, float, str)):
+        return f"got {_kind(value)} ({_shown(value)})"
+    return f"got {_kind(value)}"
+
+
+def _join(path: str, key) -> str:
+    return str(key) if not path else f"{path}.{key}"
+
+
+def _suggest(key, known) -> str:
+    lowered = {k.lower(): k for k in known}
+    match = difflib.get_close_matches(str(key).lower(), list(lowered), n=1, cutoff=0.6)
+    return f" (did you mean {lowered[match[0]]!r}?)" if match else ""
+
+
+def _duplicate_keys(node, path="") -> Iterator[str]:
+    """Problems for keys written twice in one mapping (PyYAML keeps the last silently)."""
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = key_node.value
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    yield (f"{_join(path, key)}: key written twice (lines {seen[key]} "
+                           f"and {line}); only the last would count")
+                else:
+                    seen[key] = line
+                yield from _duplicate_keys(value_node, _join(path, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            yield from _duplicate_keys(item, f"{path}[{index}]")
+
+
+class _Checker:
+    """Collects every problem and warning while turning parsed YAML into value objects."""
+
+    def __init__(self, base_dir: str, environ: Mapping[str, str]):
+        self.base_dir = base_dir
+        self.environ = environ
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(f"{path}: {message}")
+
+    def unknown(self, path: str, key, known) -> None:
+        self.warn(_join(path, key), "unknown key" + _suggest(key, known))
+
+    # -- document ---------------------------------------------------------------------
+
+    def check(self, text: str, path: Optional[str]) -> Config:
+        data = self.parse_yaml(text)
+        program = Program()
+        models: list[tuple[str, Model]] = []
+        if data is _BAD:
+            pass
+        elif data is None:
+            self.problem(_TOP, "the document is empty; expected a mapping with 'program' "
+                               "and 'Local-Models'")
+        elif not isinstance(data, dict):
+            self.problem(_TOP, f"expected a mapping with 'program' and 'Local-Models', "
+                               f"{_got(data)}")
+        else:
+            program = self.program(data.get("program"))
+            models = self.all_models(data)
+            self.cross_check(program, models)
+        return Config(program=program, models=tuple(m for _, m in models),
+                      path=path, base_dir=self.base_dir, warnings=tuple(self.warnings))
+
+    def parse_yaml(self, text: str):
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            duplicates = list(_duplicate_keys(node))
+            if duplicates:
+                self.problems.extend(duplicates)
+                return _BAD
+            return loader.construct_document(node)
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else _TOP
+            detail = e.problem or "invalid YAML"
+            if e.context:
+                detail = f"{detail} ({e.context})"
+            self.problem(where, f"YAML syntax error: {detail}")
+        except yaml.YAMLError as e:
+            self.problem(_TOP, f"YAML error: {str(e)[:200]}")
+        finally:
+            loader.dispose()
+        return _BAD
+
+    def all_models(self, data: dict) -> list[tuple[str, Model]]:
+        models = []
+        section = data.get("Local-Models")
+        if "Local-Models" in data and section is not None:
+            if isinstance(section, dict):
+                for model_id, body in section.items():
+                    model = self.model(_join("Local-Models", model_id), model_id, body)
+                    if model is not _BAD:
+                        models.append((_join("Local-Models", model_id), model))
+            else:
+                self.problem("Local-Models", f"expected a mapping of model id to model, "
+                                             f"{_got(section)}")
+        for key, body in data.items():
+            if key in ("program", "Local-Models"):
+                continue
+            if _looks_like_model(body):
+                model = self.model(str(key), key, body)
+                if model is not _BAD:
+                    models.append((str(key), model))
+            else:
+                self.unknown("", key, ("program", "Local-Models"))
+        if not models and not self.problems:
+            self.warn("Local-Models", "no models configured; the node will serve nothing")
+        return models
+
+    # -- sections ---------------------------------------------------------------------
+
+    def fields(self, path: str, body: dict, spec, docs: Mapping[str, KeyDoc]):
+        """Read C{spec}'s (key, reader) pairs from C{body}; None when any is bad."""
+        values, ok = {}, True
+        for key, reader in spec:
+            if key not in body:
+                if docs[key].required:
+                    self.problem(path, f"missing required key {key!r}")
+                    ok = False
+                continue
+            value = reader(self, _join(path, key), body[key])
+            if value is _BAD:
+                ok = False
+            else:
+                values[key] = value
+        return values if ok else None
+
+    def program(self, body) -> Program:
+        path = "program"
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            self.problem(path, f"expected a mapping, {_got(body)}")
+            return Program()
+        for key in body:
+            if key not in PROGRAM_KEYS:
+                self.unknown(path, key, PROGRAM_KEYS)
+        values = self.fields(path, body, _PROGRAM_SPEC, PROGRAM_KEYS)
+        if values is None:
+            return Program()
+        for key in ("device_plugin_dir", "log_dir", "runtime_dir"):
+            if values.get(key) is not None:
+                values[key] = self.absolute(values[key])
+        log_dir = values.setdefault("log_dir", self.absolute(Program.log_dir))
+        if values.get("runtime_dir") is None:
+            values["runtime_dir"] = os.path.join(os.path.dirname(log_dir), "run")
+        return Program(**values)
+
+    def absolute(self, value: str) -> str:
+        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
+
+    def model(self, path: str, model_id, body):
+        ok = True
+        if not isinstance(model_id, str):
+            self.problem(path, f"a model id must be a string, {_got(model_id)}")
+            ok = False
+        elif _name(self, path, model_id, "model id") is _BAD:
+            ok = False
+        if not isinstance(body, dict):
+            self.problem(path, f"expected a mapping (the model's settings), {_got(body)}")
+            return _BAD
+        plans, saw_plan = [], False
+        for key, value in body.items():
+            if key in MODEL_KEYS:
+                continue
+            key_path = _join(path, key)
+            if isinstance(value, dict):
+                saw_plan = True
+                if "required_devices" in value:
+                    plan = self.plan(key_path, key, value)
+                    if plan is _BAD:
+                        ok = False
+                    else:
+                        plans.append(plan)
+                else:
+                    self.problem(key_path, "a mapping here is read as a hardware plan, but "
+                                           "it has no required_devices"
+                                 + _suggest(key, MODEL_KEYS))
+                    ok = False
+            else:
+                self.unknown(path, key, MODEL_KEYS)
+        values = self.fields(path, body, _MODEL_SPEC, MODEL_KEYS)
+        if values is None:
+            ok = False
+        if not saw_plan:
+            self.problem(path, "no hardware plan (a mapping with required_devices and "
+                               "script_path)")
+            ok = False
+        if not ok:
+            return _BAD
+        return Model(id=model_id, plans=tuple(plans), **values)
+
+    def plan(self, path: str, name, body: dict):
+        ok = True
+        if not isinstance(name, str) or not name:
+            self.problem(path, f"a plan name must be a non-empty string, {_got(name)}")
+            ok = False
+        for key in body:
+            if key not in PLAN_KEYS:
+                self.unknown(path, key, PLAN_KEYS)
+        values = self.fields(path, body, _PLAN_SPEC, PLAN_KEYS)
+        if values is None:
+            ok, values = False, {}
+        devices = values.get("required_devices")
+        memory = values.get("memory_mb")
+        if devices is not None and memory:
+            for device in memory:
+                if device not in devices:
+                    self.problem(_join(_join(path, "memory_mb"), device),
+                                 f"device {device!r} is not in required_devices "
+                                 f"{list(devices)}")
+                    ok = False
+        if not ok:
+            return _BAD
+        return Plan(name=name, **values)
+
+    # -- across models ----------------------------------------------------------------
+
+    def cross_check(self, program: Program, models: list[tuple[str, Model]]) -> None:
+        owners: dict[str, tuple[str, str]] = {}
+        ports: dict[int, str] = {}
+        for path, model in models:
+            for index, name in enumerate(model.names):
+                where = path if index == 0 else f"{path}.aliases[{index - 1}]"
+                if name in owners:
+                    other_id, other_path = owners[name]
+                    if other_path == path:
+                        self.problem(where, f"name {name!r} is listed twice for model "
+                                            f"{model.id!r}")
+                    else:
+                        self.problem(where, f"name {name!r} is already used by model "
+                                            f"{other_id!r} ({other_path}); ids and aliases "
+                                            f"must be unique")
+                else:
+                    owners[name] = (model.id, path)
+            port_path = _join(path, "port")
+            if model.port == program.port:
+                self.problem(port_path, f"port {model.port} is the node's own port "
+                                        f"(program.port)")
+            elif model.port in ports:
+                self.problem(port_path, f"port {model.port} is also used by model "
+                                        f"{ports[model.port]!r}")
+            else:
+                ports[model.port] = model.id
+
+    def substitute(self, path: str, value: str):
+        """Replace each C{${env:NAME}} in C{value}; _BAD (reported) if one is unset."""
+        missing = []
+
+        def lookup(match):
+            name = match.group(1)
+            if name not in self.environ:
+                missing.append(name)
+                return ""
+            return self.environ[name]
+
+        result = _ENV_REF.sub(lookup, value)
+        for name in missing:
+            self.problem(path, f"environment variable {name!r} is not set"
+                         if name else "empty variable name in ${env:}")
+        return _BAD if missing else result
+
+
+def _looks_like_model(body) -> bool:
+    return isinstance(body, dict) and (
+        "mode" in body or any(isinstance(v, dict) and "required_devices" in v
+                              for v in body.values()))
+
+
+# -- readers: (checker, path, value) -> converted value, or _BAD after reporting ---------
+
+Reader = Callable[[_Checker, str, Any], Any]
+
+
+def _optional(reader: Reader) -> Reader:
+    def read(checker, path, value):
+        return None if value is None else reader(checker, path, value)
+    return read
+
+
+def _number(minimum: float = 0.0, exclusive: bool = False,
+            maximum: Optional[float] = None) -> Reader:
+    def read(checker, path, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            checker.problem(path, f"expected a number, {_got(value)}")
+            return _BAD
+        if not math.isfinite(value):
+            checker.problem(path, f"expected a finite number, got {value}")
+            return _BAD
+        if value < minimum or (exclusive and value == minimum):
+            bound = "greater than" if exclusive else "at least"
+            checker.problem(path, f"must be {bound} {minimum:g}, got {value:g}")
+            return _BAD
+        if maximum is not None and value > maximum:
+            checker.problem(path, f"must be at most {maximum:g}, got {value:g}")
+            return _BAD
+        return float(value)
+    return read
+
+
+def _integer(minimum: int, maximum: Optional[int] = None) -> Reader:
+    def read(checker, path, value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            checker.problem(path, f"expected a whole number, {_got(value)}")
+            return _BAD
+        if value < minimum or (maximum is not None and value > maximum):
+            wanted = f"{minimum}-{maximum}" if maximum is not None else f">= {minimum}"
+            checker.problem(path, f"must be {wanted}, got {value}")
+            return _BAD
+        return value
+    return read
+
+
+_port = _integer(1, 65535)
+
+
+def _boolean(checker, path, value):
+    if not isinstance(value, bool):
+        checker.problem(path, f"expected true or false, {_got(value)}")
+        return _BAD
+    return value
+
+
+def _string(checker, path, value):
+    if not isinstance(value, str):
+        checker.problem(path, f"expected a string, {_got(value)}")
+        return _BAD
+    if not value.strip():
+        checker.problem(path, "must not be empty")
+        return _BAD
+    return value
+
+
+def _name(checker, path, value, what="name"):
+    if _string(checker, path, value) is _BAD:
+        return _BAD
+    if "/" in value:
+        checker.problem(path, f"{what} {value!r} must not contain '/' (it appears in URLs)")
+        return _BAD
+    return value
+
+
+def _choice(choices, canonical: Callable[[str], str]) -> Reader:
+    def read(checker, path, value):
+        if isinstance(value, str):
+            for choice in choices:
+                if choice.lower() == value.lower():
+                    return canonical(choice)
+        checker.problem(path, f"expected one of {', '.join(choices)}, {_got(value)}")
+        return _BAD
+    return read
+
+
+def _mode(checker, path, value):
+    if isinstance(value, str):
+        for mode in MODES:
+            if mode.lower() == value.strip().lower():
+                return mode
+    checker.problem(path, f"unknown mode {_shown(value)} (expected one of "
+                          f"{', '.join(MODES)})")
+    return _BAD
+
+
+def _health_path(checker, path, value):
+    if _string(checker, path, value) is _BAD:
+        return _BAD
+    if not value.startswith("/"):
+        checker.problem(path, f"must start with '/', got {_shown(value)}")
+        return _BAD
+    return value
+
+
+def _string_list(item: Reader, what: str, nonempty: bool = False,
+                 substitute: bool = False) -> Reader:
+    def read(checker, path, value):
+        if value is None and not nonempty:
+            return ()
+        if not isinstance(value, list):
+            checker.problem(path, f"expected a {'non-empty ' if nonempty else ''}list of "
+                                  f"{what}, {_got(value)}")
+            return _BAD
+        if nonempty and not value:
+            checker.problem(path, f"expected a non-empty list of {what}, got an empty list")
+            return _BAD
+        items, ok = [], True
+        for index, element in enumerate(value):
+            element_path = f"{path}[{index}]"
+            element = item(checker, element_path, element)
+            if element is not _BAD and substitute:
+                element = checker.substitute(element_path, element)
+                if element is not _BAD and not element:
+                    checker.problem(element_path, "is empty after ${env:} substitution")
+                    element = _BAD
+            if element is _BAD:
+                ok = False
+            else:
+                items.append(element)
+        return tuple(items) if ok else _BAD
+    return read
+
+
+def _memory(checker, path, value):
+    if value is None:
+        return _frozen()
+    if not isinstance(value, dict):
+        checker.problem(path, f"expected a mapping of device name to MB, {_got(value)}")
+        return _BAD
+    result, ok = {}, True
+    read = _number(0.0)
+    for device, megabytes in value.items():
+        entry_path = _join(path, device)
+        if not isinstance(device, str) or not device.strip():
+            checker.problem(entry_path, f"a device name must be a non-empty string, "
+                                        f"{_got(device)}")
+            ok = False
+            continue
+        megabytes = read(checker, entry_path, megabytes)
+        if megabytes is _BAD:
+            ok = False
+        else:
+            result[device] = megabytes
+    return _frozen(result) if ok else _BAD
+
+
+def _env(checker, path, value):
+    if value is None:
+        return _frozen()
+    if not isinstance(value, dict):
+        checker.problem(path, f"expected a mapping of variable name to value, "
+                              f"{_got(value)}")
+        return _BAD
+    result, ok = {}, True
+    for name, setting in value.items():
+        entry_path = _join(path, name)
+        if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+            checker.problem(entry_path, f"a variable name must be a non-empty string "
+                                        f"without '=', {_got(name)}")
+            ok = False
+            continue
+        if isinstance(setting, bool):
+            setting = "true" if setting else "false"
+        elif isinstance(setting, (int, float)):
+            setting = str(setting)
+        elif isinstance(setting, str):
+            setting = checker.substitute(entry_path, setting)
+        else:
+            checker.problem(entry_path, f"expected a string, number or boolean, "
+                                        f"{_got(setting)}")
+            setting = _BAD
+        if setting is _BAD:
+            ok = False
+        else:
+            result[name] = setting
+    return _frozen(result) if ok else _BAD
+
+
+_PROGRAM_SPEC = (
+    ("host", _string),
+    ("port", _port),
+    ("log_level", _choice(LOG_LEVELS, str.upper)),
+    ("log_format", _choice(LOG_FORMATS, str.lower)),
+    ("alive_time", _number(0.0)),
+    ("device_plugin_dir", _optional(_string)),
+    ("log_dir", _string),
+    ("runtime_dir", _optional(_string)),
+    ("max_body_mb", _number(0.0, exclusive=True)),
+    ("health_interval", _number(0.0, exclusive=True, maximum=1.0)),
+    ("stream_idle_timeout", _number(0.0, exclusive=True)),
+    ("backend_header_timeout", _number(0.0, exclusive=True)),
+    ("placement_wait", _number(0.0)),
+    ("shutdown_timeout", _number(0.0)),
+    ("api_keys", _string_list(_string, "strings", substitute=True)),
+    ("admin_api_keys", _string_list(_string, "strings", substitute=True)),
+    ("open_health", _boolean),
+    ("metrics_auth", _boolean),
+)
+
+_MODEL_SPEC = (
+    ("aliases", _string_list(lambda c, p, v: _name(c, p, v, "alias"), "strings")),
+    ("mode", _mode),
+    ("port", _port),
+    ("auto_start", _boolean),
+    ("alive_time", _optional(_number(0.0))),
+    ("start_timeout", _number(0.0, exclusive=True)),
+    ("health_path", _optional(_health_path)),
+    ("upstream_model", _optional(_string)),
+    ("stop_timeout", _number(0.0)),
+    ("max_concurrency", _optional(_integer(1))),
+    ("max_queue", _integer(0)),
+)
+
+_PLAN_SPEC = (
+    ("required_devices", _string_list(_string, "device names", nonempty=True)),
+    ("script_path", _string),
+    ("memory_mb", _memory),
+    ("env", _env),
+    ("stop_command", _optional(_string)),
+)
