@@ -1,0 +1,219 @@
+"""Helpers shared by the web resources: JSON answers, OpenAI-shaped errors, bounded bodies."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any, Callable, Optional
+
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from llmnode.errors import BadRequest, BodyTooLarge, MethodNotAllowed, NodeError, NotFound
+
+log = Logger()
+
+JSON_TYPE = b"application/json"
+
+
+def render_json(request, status: int, body: Any) -> bytes:
+    """Set C{status} and a JSON content type on C{request}; return C{body} encoded.
+
+    C{body} may be bytes already encoded, or anything C{json.dumps} takes.
+    """
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", JSON_TYPE)
+    if isinstance(body, bytes):
+        return body
+    return json.dumps(body).encode("utf-8")
+
+
+def render_error(request, error: NodeError) -> bytes:
+    """Set the status (and C{Retry-After}) of C{error} on C{request}; return its JSON body."""
+    if error.retry_after is not None:
+        request.setHeader(b"Retry-After", b"%d" % max(0, math.ceil(error.retry_after)))
+    return render_json(request, error.status, error.body())
+
+
+def method_not_allowed(request, allowed: tuple[str, ...]) -> bytes:
+    """A 405 with an C{Allow} header listing C{allowed} methods."""
+    request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+    method = request.method.decode("ascii", "replace")
+    return render_error(request, MethodNotAllowed(
+        f"{method} is not allowed on {_path(request)}; use {' or '.join(allowed)}"))
+
+
+def _path(request) -> str:
+    return request.path.decode("utf-8", "replace")[:200]
+
+
+class PendingResponse:
+    """A C{NOT_DONE_YET} response that ends along exactly one path.
+
+    Whether the client left is decided from C{notifyFinish()} only; once it has left, or once
+    the response was ended here, nothing more is written.
+
+    @ivar gone: the client went away before the response was finished.
+    @ivar ended: this object finished the response (or cut the connection).
+    """
+
+    def __init__(self, request):
+        self.request = request
+        self.gone = False
+        self.ended = False
+        self._on_gone: list[Callable[[], Any]] = []
+        request.notifyFinish().addErrback(self._lost)
+
+    @property
+    def open(self) -> bool:
+        """Whether the response may still be written to."""
+        return not (self.gone or self.ended)
+
+    def on_gone(self, callback: Callable[[], Any]) -> None:
+        """Call C{callback()} if the client leaves before the response ends."""
+        self._on_gone.append(callback)
+
+    def _lost(self, failure) -> None:
+        if self.ended:
+            return
+        self.gone = True
+        callbacks, self._on_gone = self._on_gone, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.failure("client-gone callback failed")
+
+    def send_json(self, status: int, body: Any) -> bool:
+        """Write a whole JSON answer and finish; False (and nothing written) if not open."""
+        if not self.open:
+            return False
+        self.ended = True
+        self.request.write(render_json(self.request, status, body))
+        self.request.finish()
+        return True
+
+    def send_error(self, error: NodeError) -> bool:
+        """Write C{error} as an OpenAI-shaped answer and finish; False if not open."""
+        if not self.open:
+            return False
+        self.ended = True
+        self.request.write(render_error(self.request, error))
+        self.request.finish()
+        return True
+
+    def finish(self) -> bool:
+        """Finish a response whose body was written elsewhere; False if not open."""
+        if not self.open:
+            return False
+        self.ended = True
+        self.request.finish()
+        return True
+
+    def cut(self) -> bool:
+        """End the response visibly incomplete: close the connection without a final chunk.
+
+        Bytes already written are flushed first; the client sees a body shorter than its
+        C{Content-Length} or a chunked body without its terminating chunk.
+        """
+        if not self.open:
+            return False
+        self.ended = True
+        transport = getattr(self.request, "transport", None) or self.request.channel
+        transport.loseConnection()
+        return True
+
+
+class BoundedRequest(Request):
+    """A request that stops storing its body once it is larger than C{max_body_bytes}.
+
+    twisted.web reads the whole body before C{render}; this keeps an oversized body from
+    being buffered (to memory or a temporary file). When C{Content-Length} announces too much,
+    nothing is stored at all. The body is still read (and dropped) so the 413 that C{render}
+    answers reaches the client. Build a Site with L{bounded_request_factory}.
+
+    @ivar body_too_large: the body went (or was announced to go) over the limit.
+    """
+
+    max_body_bytes: Optional[int] = None
+    body_too_large = False
+    _body_seen = 0
+
+    def gotLength(self, length):
+        limit = self.max_body_bytes
+        if limit is not None and length is not None and length > limit:
+            self.body_too_large = True
+            self.content = io.BytesIO()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self.body_too_large:
+            return
+        self._body_seen += len(data)
+        limit = self.max_body_bytes
+        if limit is not None and self._body_seen > limit:
+            self.body_too_large = True
+            self.content.close()
+            self.content = io.BytesIO()
+            return
+        super().handleContentChunk(data)
+
+
+def bounded_request_factory(max_body_bytes: int) -> type:
+    """A L{BoundedRequest} class for C{Site(root, requestFactory=...)}."""
+    return type("BoundedRequest", (BoundedRequest,), {"max_body_bytes": int(max_body_bytes)})
+
+
+def max_body_bytes(max_body_mb: float) -> int:
+    """The body limit in bytes for a limit in MiB."""
+    return int(max_body_mb * 1024 * 1024)
+
+
+def read_body(request, limit: int) -> bytes:
+    """The request body, or L{BodyTooLarge} when it (or its C{Content-Length}) exceeds C{limit}.
+
+    Works with any Request; a L{BoundedRequest} additionally never stored the excess.
+    """
+    too_large = BodyTooLarge(
+        f"request body is larger than the limit of {limit} bytes ({limit / 1048576:g} MiB)")
+    if getattr(request, "body_too_large", False):
+        raise too_large
+    declared = request.getHeader(b"Content-Length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise too_large
+    content = getattr(request, "content", None)
+    if content is None:
+        return b""
+    content.seek(0, io.SEEK_END)
+    if content.tell() > limit:
+        raise too_large
+    content.seek(0)
+    return content.read()
+
+
+def parse_json_object(body: bytes) -> dict:
+    """Decode a JSON object, or raise L{BadRequest} saying what is wrong."""
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"request body is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"request body must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+class ErrorResource(Resource):
+    """A leaf that answers every method with one OpenAI-shaped error (default: 404)."""
+
+    isLeaf = True
+
+    def __init__(self, error: Optional[NodeError] = None):
+        super().__init__()
+        self._error = error
+
+    def render(self, request):
+        error = self._error or NotFound(f"no such endpoint: {_path(request)}")
+        return render_error(request, error)
