@@ -8,7 +8,8 @@ A stand-in for a C{llama-server} binary where only PyPI is available::
 C{xllamacpp.Server} loads the model, then starts llama.cpp's HTTP server
 (C{/health}, C{/v1/models}, C{/v1/chat/completions}, C{/v1/completions},
 C{/v1/embeddings}, ...) on its own threads; this script only configures it,
-reports where it listens, and waits for SIGTERM, SIGINT or its alarm.
+reports where it listens, and waits for SIGTERM, SIGINT or its alarm
+(before the model is loaded, those end the process at once).
 """
 
 import argparse
@@ -70,14 +71,29 @@ def build_params(xllamacpp, options):
     return params
 
 
+def _catch_stop_signals():
+    """
+    Route the stop signals, whichever thread receives them, to a pipe.
+
+    @return: the pipe's read end; each signal writes its number there.
+    """
+    reader, writer = os.pipe()
+    os.set_blocking(writer, False)
+    signal.set_wakeup_fd(writer)
+    for number in _STOP_SIGNALS:
+        signal.signal(number, lambda number, frame: None)
+    return reader
+
+
 def main(argv=None):
     """
     Run the server until a stop signal; return the exit status.
     """
     options = parse_args(sys.argv[1:] if argv is None else argv)
-    # Blocked before llama.cpp starts its threads, so they inherit the mask
-    # and only sigwait below ever sees these signals.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    # Loading holds the GIL, so until the server is up a stop signal takes
+    # its default action and ends the process at once.
+    for number in _STOP_SIGNALS:
+        signal.signal(number, signal.SIG_DFL)
     if options.alarm > 0:
         signal.alarm(options.alarm)
     try:
@@ -94,10 +110,11 @@ def main(argv=None):
     except Exception as e:
         print("llamacpp: server did not start: %s" % (e,), file=sys.stderr)
         return 1
+    stops = _catch_stop_signals()
     address = urlsplit(server.listening_address)
     print("listening on %s:%d pid %d" % (address.hostname, address.port,
                                          os.getpid()), flush=True)
-    received = signal.sigwait(_STOP_SIGNALS)
+    received = os.read(stops, 1)[0]
     print("llamacpp: %s, stopping" % (signal.Signals(received).name,),
           file=sys.stderr, flush=True)
     del server
