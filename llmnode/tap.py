@@ -1,0 +1,50 @@
+"""twistd integration: command-line options and the service they build.
+
+This is the only module that imports the global reactor.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.python import usage
+
+from llmnode.config import ConfigError, load_config
+
+
+class Options(usage.Options):
+    """C{twistd llmnode --config PATH [--host H] [--port P]}."""
+
+    synopsis = "--config PATH [--host HOST] [--port PORT]"
+    longdesc = ("Serve the models of a YAML config behind one OpenAI-compatible endpoint, "
+                "starting each on demand and stopping it when idle.")
+    optParameters = [
+        ["config", "c", None, "the YAML config file"],
+        ["host", None, None, "listen on this address instead of program.host"],
+        ["port", "p", None, "listen on this port instead of program.port", int],
+    ]
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        if not path:
+            raise usage.UsageError("--config is required: the path of the YAML config file")
+        if not os.path.isfile(path):
+            raise usage.UsageError(f"config file not found: {path}")
+        port = self["port"]
+        if port is not None and not 0 <= port <= 65535:
+            raise usage.UsageError(f"--port must be 0-65535, got {port}")
+        try:
+            self.loaded = load_config(path)
+        except ConfigError as e:
+            raise usage.UsageError(f"invalid config {path}:\n{e}")
+        except OSError as e:
+            raise usage.UsageError(f"cannot read config {path}: {e.strerror or e}")
+
+
+def makeService(options: Options):
+    """Build (but do not start) the node service for parsed C{options}."""
+    from twisted.internet import reactor
+
+    from llmnode.service import NodeService
+
+    return NodeService(options.loaded, reactor, host=options["host"], port=options["port"])
