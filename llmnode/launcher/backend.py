@@ -1,0 +1,412 @@
+"""One backend process of a model: spawn through the supervisor, wait until healthy, stop.
+
+The backend runs as C{/bin/sh -c COMMAND} under L{llmnode.launcher.supervisor}, which leads a
+process group of its own; the supervisor's pid is the group id. Stopping signals the whole group
+(SIGTERM, grace, SIGKILL) and only returns when no process of it is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Optional
+
+import treq
+from twisted.internet import defer, error, protocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+import llmnode
+from llmnode.launcher import ports, runtime, supervisor
+from llmnode.launcher.logfile import ModelLog
+
+#: How long stop() waits after SIGKILL before it gives up on an unkillable process.
+_KILL_WAIT = 5.0
+#: How long a start failure waits for the last output of an exited process.
+_OUTPUT_WAIT = 1.0
+_TAIL_LINES = 20
+
+
+class StartError(Exception):
+    """A backend did not become ready.
+
+    @ivar reason: C{"exited"}, C{"timeout"}, C{"port_busy"} or C{"spawn"}.
+    """
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+
+
+def describe_exit(reason) -> str:
+    """A short text for a process's end: C{"exit status 3"} or C{"killed by signal 9"}."""
+    value = reason.value
+    signum = getattr(value, "signal", None)
+    if signum:
+        return f"killed by signal {signum}"
+    return f"exit status {getattr(value, 'exitCode', None) or 0}"
+
+
+class _Output(protocol.ProcessProtocol):
+    """Carries the backend's output to its log and its end to the L{Backend}."""
+
+    def __init__(self, backend: "Backend"):
+        self._backend = backend
+
+    def outReceived(self, data: bytes) -> None:
+        self._backend._output(data, "out")
+
+    def errReceived(self, data: bytes) -> None:
+        self._backend._output(data, "err")
+
+    def processExited(self, reason) -> None:
+        self._backend._main_exited(reason)
+
+    def processEnded(self, reason) -> None:
+        self._backend._pipes_closed()
+
+
+class Backend:
+    """One run of a model's backend command; make a new one for every start.
+
+    @param env: the command's complete environment (nothing is added to it).
+    @param cwd: the command's working directory (the config file's folder).
+    @param health_path: polled until it answers 200; None means C{/health}, falling back to
+        C{/v1/models} if C{/health} answers 404.
+    @param runtime_dir: where the record of the running group is kept for L{reclaim}; None keeps
+        none.
+    @param http: a C{treq.HTTPClient}-like object, owned by the caller, for the health polls.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, *, model_id: str, command: str, env: dict, cwd: str,
+                 port: int, health_path: Optional[str], health_interval: float = 0.05,
+                 start_timeout: float = 300, stop_timeout: float = 10,
+                 stop_command: Optional[str] = None, log: ModelLog,
+                 runtime_dir: Optional[str], http, host: str = "127.0.0.1"):
+        self._reactor = reactor
+        self.model_id = model_id
+        self.command = command
+        self.env = dict(env)
+        self.cwd = cwd
+        self.port = port
+        self.health_path = health_path
+        self.health_interval = health_interval
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.stop_command = stop_command
+        self.model_log = log
+        self.runtime_dir = runtime_dir
+        self.host = host
+        self._http = http
+        self.pid: Optional[int] = None
+        self.started_at: Optional[float] = None
+        self.ready_at: Optional[float] = None
+        self.status: Optional[str] = None
+        self.returncode: Optional[int] = None
+        self._transport = None
+        self._exit_waiters: list[defer.Deferred] = []
+        self._end_waiters: list[defer.Deferred] = []
+        self._pipes_open = False
+        self._stopping = False
+        self._stop_d: Optional[defer.Deferred] = None
+        self._gone = False
+        self._stop_requested = False
+        self._probing = False
+
+    @property
+    def running(self) -> bool:
+        """Whether the main process has been spawned and has not exited."""
+        return self.pid is not None and self.status is None
+
+    # -- start ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Spawn the command and wait until it answers its health path.
+
+        @raise StartError: it could not start; nothing of it is left running then.
+        """
+        if self.pid is not None:
+            raise RuntimeError("a Backend starts once; make a new one")
+        busy = ports.describe_busy(self.host, self.port)
+        if busy:
+            raise StartError(f"model {self.model_id!r}: {busy}", "port_busy")
+        self._spawn()
+        exited = self.exited()
+        timer = deferLater(self._reactor, self.start_timeout, lambda: None)
+        # A cancelled probe may end in any error (the agent's), so the loop is told directly.
+        exited.addBoth(self._end_probing)
+        timer.addBoth(self._end_probing)
+        self._probing = True
+        healthy = defer.Deferred.fromCoroutine(self._wait_healthy())
+        index, value = await defer.race([healthy, exited, timer])
+        if index == 0:
+            self.ready_at = self._reactor.seconds()
+            self.model_log.note(f"ready on port {self.port} "
+                                f"after {self.ready_at - self.started_at:.2f} s")
+            return
+        if index == 1:
+            await self.stop()
+            await self._output_done()
+            if self._stop_requested:
+                message = f"model {self.model_id!r} was stopped before it was ready"
+            else:
+                how = (f"exited with status {self.returncode}" if self.returncode >= 0
+                       else f"was killed by signal {-self.returncode}")
+                message = (f"model {self.model_id!r} {how} before it was "
+                           f"ready{self._last_lines()}")
+            raise StartError(message, "exited")
+        self.model_log.note(f"not ready after {self.start_timeout:g} s; stopping it")
+        await self.stop()
+        await self._output_done()
+        raise StartError(
+            f"model {self.model_id!r} did not answer {self._url(self.health_path or '/health')}"
+            f" with 200 within {self.start_timeout:g} s{self._last_lines()}", "timeout")
+
+    def _spawn(self) -> None:
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(llmnode.__file__)))
+        args = supervisor.argv(sys.executable, package_root, os.getpid(), self.stop_timeout,
+                               self.command)
+        self.model_log.note(f"starting: {self.command}")
+        try:
+            self._transport = self._reactor.spawnProcess(
+                _Output(self), sys.executable, args, env=self.env, path=self.cwd)
+        except Exception as e:
+            self.model_log.note(f"could not start: {e}")
+            raise StartError(f"model {self.model_id!r} could not be started: {e}", "spawn")
+        self._pipes_open = True
+        self.pid = self._transport.pid
+        self.started_at = self._reactor.seconds()
+        try:
+            self._transport.closeStdin()
+        except Exception:
+            self.log.failure("closing the stdin of {model}", model=self.model_id)
+        if self.runtime_dir:
+            runtime.write_record(self.runtime_dir, self.model_id, self.pid, self.command,
+                                 self.log)
+
+    def _end_probing(self, result):
+        self._probing = False
+        return result
+
+    async def _wait_healthy(self) -> None:
+        path = self.health_path or "/health"
+        while self._probing:
+            remaining = self.start_timeout - (self._reactor.seconds() - self.started_at)
+            code = await self._probe(path, max(0.05, min(1.0, remaining)))
+            if not self._probing:
+                break
+            if code == 200:
+                return
+            if code == 404 and self.health_path is None and path == "/health":
+                path = "/v1/models"
+                continue
+            await deferLater(self._reactor, self.health_interval, lambda: None)
+        raise defer.CancelledError()
+
+    async def _probe(self, path: str, timeout: float) -> Optional[int]:
+        """The status code of one GET, or None when there was no answer."""
+        try:
+            response = await self._http.get(self._url(path), timeout=timeout)
+        except defer.CancelledError:
+            raise
+        except Exception:
+            return None
+        try:
+            await treq.content(response)
+        except defer.CancelledError:
+            raise
+        except Exception:
+            pass
+        return response.code
+
+    def _url(self, path: str) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{path}"
+
+    def _last_lines(self) -> str:
+        lines = [line for line in self.model_log.tail(_TAIL_LINES + 5)
+                 if not line.startswith("[llmnode] ")][-_TAIL_LINES:]
+        if not lines:
+            return " (it wrote nothing)"
+        return "; last output:\n" + "\n".join(lines)
+
+    async def _output_done(self) -> None:
+        """Wait (bounded) until the pipes are closed, so the log holds all the output."""
+        if self._pipes_open:
+            d = defer.Deferred()
+            self._end_waiters.append(d)
+            timer = deferLater(self._reactor, _OUTPUT_WAIT, lambda: None)
+            await defer.race([d, timer])
+        self.model_log.flush()
+
+    # -- the process's events -------------------------------------------------------------
+
+    def exited(self) -> defer.Deferred:
+        """A new Deferred that fires with a short status text once the main process exits."""
+        if self.status is not None:
+            return defer.succeed(self.status)
+        d = defer.Deferred()
+        self._exit_waiters.append(d)
+        return d
+
+    def _output(self, data: bytes, stream: str) -> None:
+        try:
+            self.model_log.write(data, stream)
+        except Exception:
+            self.log.failure("writing the output of {model} to {path}",
+                             model=self.model_id, path=self.model_log.path)
+
+    def _main_exited(self, reason) -> None:
+        try:
+            self.status = describe_exit(reason)
+            value = reason.value
+            self.returncode = (-value.signal if getattr(value, "signal", None)
+                               else getattr(value, "exitCode", None) or 0)
+            self.model_log.note(f"pid {self.pid} ended: {self.status}")
+            if not self._stopping and self.ready_at is not None:
+                self.log.warn("{model} (pid {pid}) exited on its own: {status}",
+                              model=self.model_id, pid=self.pid, status=self.status)
+            if not self._stopping:
+                # What is left of the group would hold memory and ports: sweep it now.
+                self._signal_group(signal.SIGKILL)
+                self._ensure_stopping()
+        except Exception:
+            self.log.failure("handling the exit of {model}", model=self.model_id)
+        waiters, self._exit_waiters = self._exit_waiters, []
+        for d in waiters:
+            if not d.called:
+                d.callback(self.status)
+
+    def _pipes_closed(self) -> None:
+        self._pipes_open = False
+        try:
+            self.model_log.flush()
+        except Exception:
+            self.log.failure("flushing the log of {model}", model=self.model_id)
+        waiters, self._end_waiters = self._end_waiters, []
+        for d in waiters:
+            if not d.called:
+                d.callback(None)
+
+    # -- stop -----------------------------------------------------------------------------
+
+    def stop(self) -> defer.Deferred:
+        """Stop the whole process group; fire when none of it is left. Safe to call again."""
+        if self.pid is not None and self.status is None:
+            self._stop_requested = True
+        return self._ensure_stopping()
+
+    def _ensure_stopping(self) -> defer.Deferred:
+        if self._stop_d is None:
+            self._stopping = True
+            self._stop_d = defer.Deferred.fromCoroutine(self._run_stop())
+            self._stop_d.addErrback(self._stop_failed)
+        result = defer.Deferred()
+        self._stop_d.addBoth(self._relay, result)
+        return result
+
+    @staticmethod
+    def _relay(value, target: defer.Deferred):
+        target.callback(value)
+        return value
+
+    def _stop_failed(self, failure) -> None:
+        self.log.failure("stopping {model} (pid {pid})", failure, model=self.model_id,
+                         pid=self.pid)
+
+    async def _run_stop(self) -> None:
+        if self.pid is None:
+            return
+        if self.stop_command and self.running:
+            await self._run_stop_command()
+        if not self._group_gone():
+            self._signal_group(signal.SIGTERM)
+            await self._wait_gone(self.stop_timeout)
+        if not self._group_gone():
+            self.model_log.note(f"still running after {self.stop_timeout:g} s; SIGKILL")
+            self._signal_group(signal.SIGKILL)
+            if not await self._wait_gone(_KILL_WAIT):
+                self.log.error("{model}: process group {pgid} survived SIGKILL for {wait} s",
+                               model=self.model_id, pgid=self.pid, wait=_KILL_WAIT)
+        self._gone = True
+        if self.runtime_dir:
+            runtime.remove_record(self.runtime_dir, self.model_id, self.pid, self.log)
+
+    async def _run_stop_command(self) -> None:
+        self.model_log.note(f"stop command: {self.stop_command}")
+        done = defer.Deferred()
+        proto = _StopCommand(self, done)
+        try:
+            transport = self._reactor.spawnProcess(
+                proto, "/bin/sh", ["/bin/sh", "-c", self.stop_command], env=self.env,
+                path=self.cwd)
+        except Exception:
+            self.log.failure("running the stop command of {model}", model=self.model_id)
+            return
+        timer = deferLater(self._reactor, self.stop_timeout, lambda: None)
+        index, _ = await defer.race([done, timer])
+        if index == 1:
+            self.model_log.note(f"stop command still running after {self.stop_timeout:g} s; "
+                                "killed")
+            try:
+                transport.signalProcess("KILL")
+            except error.ProcessExitedAlready:
+                pass
+
+    async def _wait_gone(self, seconds: float) -> bool:
+        deadline = self._reactor.seconds() + seconds
+        while not self._group_gone():
+            if self._reactor.seconds() >= deadline:
+                return False
+            await deferLater(self._reactor, min(0.05, max(seconds, 0.01)), lambda: None)
+        return True
+
+    def _group_gone(self) -> bool:
+        """Whether the main process has exited and no process of its group is left."""
+        if self.pid is None:
+            return True
+        if self.status is None:
+            return False
+        return not ports.group_alive(self.pid)
+
+    def _signal_group(self, signum: int) -> None:
+        """Signal the group; before the supervisor has its own group, signal it alone."""
+        try:
+            os.killpg(self.pid, signum)
+            return
+        except ProcessLookupError:
+            pass
+        except OSError:
+            self.log.failure("signalling the group of {model}", model=self.model_id)
+            return
+        if self.status is None and self._transport is not None:
+            # Not yet reaped, so the pid is still ours.
+            try:
+                self._transport.signalProcess(signum)
+            except (error.ProcessExitedAlready, OSError):
+                pass
+
+
+class _StopCommand(protocol.ProcessProtocol):
+    def __init__(self, backend: Backend, done: defer.Deferred):
+        self._backend = backend
+        self._done = done
+
+    def outReceived(self, data: bytes) -> None:
+        self._backend._output(data, "stop-out")
+
+    def errReceived(self, data: bytes) -> None:
+        self._backend._output(data, "stop-err")
+
+    def processEnded(self, reason) -> None:
+        try:
+            self._backend.model_log.flush()
+            self._backend.model_log.note(f"stop command ended: {describe_exit(reason)}")
+        except Exception:
+            self._backend.log.failure("logging the stop command's end")
+        if not self._done.called:
+            self._done.callback(None)

@@ -1,0 +1,141 @@
+"""One log file per model: its backend's output, a timestamp on every line, bounded and rotated."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from datetime import datetime
+from typing import Callable, Optional
+
+_TAIL_KEPT = 200
+
+
+class _Partial:
+    """The unfinished line of one stream: at most C{max_line} bytes kept, the rest counted."""
+
+    __slots__ = ("head", "dropped")
+
+    def __init__(self):
+        self.head = bytearray()
+        self.dropped = 0
+
+
+class ModelLog:
+    """The log file of one model, shared by its successive backends.
+
+    Lines are timestamped, cut to C{max_line} bytes (with a C{…[truncated N bytes]} marker), and
+    the file is rotated by size, keeping C{backups} old files (C{path.1} is the newest). Writing
+    never blocks on a line that does not end: only its first C{max_line} bytes are buffered.
+
+    @param clock: returns the time as seconds since the epoch (default L{time.time}).
+    """
+
+    def __init__(self, path: str, max_bytes: int = 10 * 2**20, backups: int = 3,
+                 clock: Optional[Callable[[], float]] = None, max_line: int = 8192):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.max_line = max_line
+        self._clock = clock or time.time
+        self._file = None
+        self._size = 0
+        self._partials: dict[str, _Partial] = {}
+        self._tail: deque[str] = deque(maxlen=_TAIL_KEPT)
+
+    def write(self, data: bytes, stream: str = "out") -> None:
+        """Add output of C{stream}: complete lines are written, an unfinished one is kept."""
+        partial = self._partials.setdefault(stream, _Partial())
+        lines = []
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                self._keep(partial, data[start:])
+                break
+            self._keep(partial, data[start:end])
+            lines.append(self._take(partial))
+            start = end + 1
+        self._emit(lines)
+
+    def note(self, text: str) -> None:
+        """Write a line of the node's own (e.g. "started pid 123") into the model's log."""
+        self._emit([self._bound(b"[llmnode] " + text.encode("utf-8", "replace"), 0)])
+
+    def flush(self) -> None:
+        """Write out every unfinished line (the process that wrote them is gone)."""
+        lines = [self._take(p) for p in self._partials.values() if p.head or p.dropped]
+        self._partials.clear()
+        self._emit(lines)
+
+    def tail(self, n: int = 20) -> list[str]:
+        """The last C{n} lines written (without timestamps), oldest first."""
+        if n <= 0:
+            return []
+        return list(self._tail)[-n:]
+
+    def close(self) -> None:
+        """Flush and close the file; a later write opens it again."""
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _keep(self, partial: _Partial, piece: bytes) -> None:
+        room = self.max_line - len(partial.head)
+        if len(piece) > room:
+            partial.head += piece[:max(room, 0)]
+            partial.dropped += len(piece) - max(room, 0)
+        else:
+            partial.head += piece
+
+    def _take(self, partial: _Partial) -> str:
+        line = self._bound(bytes(partial.head).rstrip(b"\r"), partial.dropped)
+        partial.head = bytearray()
+        partial.dropped = 0
+        return line
+
+    def _bound(self, raw: bytes, dropped: int) -> str:
+        if len(raw) > self.max_line:
+            dropped += len(raw) - self.max_line
+            raw = raw[:self.max_line]
+        text = raw.decode("utf-8", "replace")
+        if dropped:
+            text += f"…[truncated {dropped} bytes]"
+        return text
+
+    def _emit(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        self._tail.extend(lines)
+        stamp = datetime.fromtimestamp(self._clock()).astimezone().isoformat(
+            timespec="milliseconds")
+        for line in lines:
+            record = f"{stamp} {line}\n".encode("utf-8", "replace")
+            self._open()
+            if self._size and self._size + len(record) > self.max_bytes:
+                self._rotate()
+            self._file.write(record)
+            self._size += len(record)
+        self._file.flush()
+
+    def _open(self) -> None:
+        if self._file is None:
+            folder = os.path.dirname(self.path)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+            self._file = open(self.path, "ab")
+            self._size = self._file.tell()
+
+    def _rotate(self) -> None:
+        self._file.close()
+        self._file = None
+        if self.backups > 0:
+            for i in range(self.backups - 1, 0, -1):
+                older = f"{self.path}.{i}"
+                if os.path.exists(older):
+                    os.replace(older, f"{self.path}.{i + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        else:
+            os.truncate(self.path, 0)
+        self._open()
