@@ -6,6 +6,7 @@ This is the only module that imports the global reactor.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from twisted.python import usage
 
@@ -15,13 +16,14 @@ from llmnode.config import ConfigError, load_config
 class Options(usage.Options):
     """C{twistd llmnode --config PATH [--host H] [--port P]}."""
 
-    synopsis = "--config PATH [--host HOST] [--port PORT]"
+    synopsis = "--config PATH [--host HOST] [--port PORT] [--log-dir DIR]"
     longdesc = ("Serve the models of a YAML config behind one OpenAI-compatible endpoint, "
                 "starting each on demand and stopping it when idle.")
     optParameters = [
         ["config", "c", None, "the YAML config file"],
         ["host", None, None, "listen on this address instead of program.host"],
         ["port", "p", None, "listen on this port instead of program.port", int],
+        ["log-dir", None, None, "write model logs here instead of program.log_dir"],
     ]
 
     def postOptions(self) -> None:
@@ -39,6 +41,9 @@ class Options(usage.Options):
             raise usage.UsageError(f"invalid config {path}:\n{e}")
         except OSError as e:
             raise usage.UsageError(f"cannot read config {path}: {e.strerror or e}")
+        if self["log-dir"]:
+            program = replace(self.loaded.program, log_dir=os.path.abspath(self["log-dir"]))
+            self.loaded = replace(self.loaded, program=program)
 
 
 def makeService(options: Options):
