@@ -113,7 +113,6 @@ class Backend:
         self._pipes_open = False
         self._stopping = False
         self._stop_d: Optional[defer.Deferred] = None
-        self._gone = False
         self._stop_requested = False
         self._probing = False
 
@@ -332,7 +331,6 @@ class Backend:
             if not await self._wait_gone(_KILL_WAIT):
                 self.log.error("{model}: process group {pgid} survived SIGKILL for {wait} s",
                                model=self.model_id, pgid=self.pid, wait=_KILL_WAIT)
-        self._gone = True
         if self.runtime_dir:
             runtime.remove_record(self.runtime_dir, self.model_id, self.pid, self.log)
 
