@@ -1,0 +1,204 @@
+"""The node service: builds the node's parts, starts them in order and stops them in order.
+
+Start: reclaim backends a previous node left behind -> devices -> listen -> sweeper -> auto_start.
+Stop: stop listening -> drain in-flight requests (bounded) -> stop every backend -> close the
+HTTP pool, device plugins and model logs.
+"""
+
+from __future__ import annotations
+
+import os
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Optional
+
+from treq.client import HTTPClient
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+
+from llmnode.config import Config, Model
+from llmnode.devices.loader import default_plugins
+from llmnode.devices.monitor import DeviceMonitor
+from llmnode.launcher import Backend, ModelLog, reclaim
+from llmnode.node import RUNNING, Node, backend_environment
+from llmnode.placement import Ledger, Placer, Resident
+from llmnode.sweeper import Sweeper
+from llmnode.web.common import bounded_request_factory, max_body_bytes
+from llmnode.web.root import build_root
+
+
+def make_http_client(reactor) -> tuple[HTTPClient, HTTPConnectionPool]:
+    """The node's one HTTP client: persistent pool, no redirects, a cookie jar that keeps nothing
+    (a backend's cookies must never reach another user's request)."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 64
+    pool.retryAutomatically = False
+    jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    return HTTPClient(Agent(reactor, pool=pool), cookiejar=jar), pool
+
+
+class NodeService(MultiService):
+    """One llmnode: its models, devices, placement, sweeper and HTTP endpoint.
+
+    @param host: listen address overriding C{program.host}.
+    @param port: listen port overriding C{program.port} (0 = any free port).
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor, *, host: Optional[str] = None,
+                 port: Optional[int] = None, plugins: Optional[list] = None):
+        super().__init__()
+        program = config.program
+        self.config = config
+        self.reactor = reactor
+        self.host = program.host if host is None else host
+        self.port = program.port if port is None else port
+        self.runtime_dir = program.runtime_dir or os.path.join(os.path.dirname(program.log_dir),
+                                                               "run")
+        self.http, self._pool = make_http_client(reactor)
+        self._plugins = plugins
+        self.monitor: Optional[DeviceMonitor] = None
+        self.ledger = Ledger()
+        self.placer: Optional[Placer] = None
+        self._logs: dict[str, ModelLog] = {}
+        self.node = Node(config, reactor, place=self._place, release=self._release,
+                         make_backend=self._make_backend, log_path=self._log_path,
+                         changed=self._changed)
+        self.sweeper = Sweeper(reactor, self.node.runtimes, program.alive_time, self.log)
+        self.site = Site(build_root(self.node, self.http, reactor, program,
+                                    devices=self.devices_report),
+                         requestFactory=bounded_request_factory(max_body_bytes(program.max_body_mb)))
+        self.site.displayTracebacks = False
+        # Twisted would otherwise parse every POST body's Content-Type as a form.
+        if hasattr(self.site, "parsePOSTFormSubmission"):
+            self.site.parsePOSTFormSubmission = False
+        self._listening = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        self._listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        os.makedirs(self.config.program.log_dir, exist_ok=True)
+        os.makedirs(self.runtime_dir, exist_ok=True)
+        for pid in reclaim(self.runtime_dir, self.log):
+            self.log.warn("stopped backend group {pid} left behind by a previous node", pid=pid)
+        plugins = self._plugins
+        if plugins is None:
+            plugins = default_plugins(self.config.program.device_plugin_dir, self.log)
+        self.monitor = DeviceMonitor(self.reactor, plugins, log=self.log)
+        self.placer = Placer(self.reactor, self.monitor, self.ledger,
+                             wait_timeout=self.config.program.placement_wait, log=self.log)
+        self.monitor.start()
+        self._listen()
+        self.sweeper.start()
+        self.log.info("llmnode serving {n} models on http://{host}:{port}",
+                      n=len(self.config.models), host=self.host, port=self.listening_port)
+        for runtime in self.node.runtimes():
+            if runtime.model.auto_start:
+                runtime.ensure_running().addErrback(
+                    lambda f, m=runtime.model.id: self.log.warn(
+                        "auto_start of {model} failed: {error}", model=m,
+                        error=f.getErrorMessage()))
+
+    def _listen(self) -> None:
+        if self._listening is None:
+            self._listening = self.reactor.listenTCP(self.port, self.site, backlog=1024,
+                                                     interface=self.host)
+
+    @property
+    def listening_port(self) -> Optional[int]:
+        """The TCP port actually listened on (useful with port 0)."""
+        return self._listening.getHost().port if self._listening is not None else None
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        listening, self._listening = self._listening, None
+        if listening is not None:
+            await listening.stopListening()
+        await self._drain(self.config.program.shutdown_timeout)
+        self.sweeper.stop()
+        await self.node.stop_all()
+        if self.monitor is not None:
+            await self.monitor.close()
+        await self._pool.closeCachedConnections()
+        for log in self._logs.values():
+            log.close()
+        self.log.info("llmnode stopped; no backend left running")
+
+    async def _drain(self, timeout: float) -> None:
+        deadline = self.reactor.seconds() + timeout
+        while (any(r.in_flight for r in self.node.runtimes())
+               and self.reactor.seconds() < deadline):
+            await _sleep(self.reactor, 0.05)
+
+    # -- collaborators of the runtimes -----------------------------------------------------
+
+    async def _place(self, runtime):
+        return await self.placer.place(runtime.model, self._residents, self._stop_model)
+
+    def _residents(self) -> list:
+        return [Resident(model_id=r.model.id, in_flight=r.in_flight,
+                         idle_since=r.last_used if r.state == RUNNING else None,
+                         reserved=self.ledger.of(r.model.id))
+                for r in self.node.runtimes() if self.ledger.of(r.model.id)]
+
+    async def _stop_model(self, model_id: str) -> None:
+        await self.node.lookup(model_id).stop()
+
+    def _release(self, runtime) -> None:
+        self.ledger.release(runtime.model.id)
+
+    def _changed(self) -> None:
+        if self.placer is not None:
+            self.placer.changed()
+
+    def _log_path(self, model: Model) -> str:
+        return os.path.join(self.config.program.log_dir, f"{model.id}.log")
+
+    def _model_log(self, model: Model) -> ModelLog:
+        if model.id not in self._logs:
+            self._logs[model.id] = ModelLog(self._log_path(model))
+        return self._logs[model.id]
+
+    def _make_backend(self, runtime, placement) -> Backend:
+        model, plan, program = runtime.model, placement.plan, self.config.program
+        return Backend(self.reactor, model_id=model.id, command=plan.script_path,
+                       env=backend_environment(model, placement), cwd=self.config.base_dir,
+                       port=model.port, health_path=model.health_path,
+                       health_interval=program.health_interval,
+                       start_timeout=model.start_timeout, stop_timeout=model.stop_timeout,
+                       stop_command=plan.stop_command, log=self._model_log(model),
+                       runtime_dir=self.runtime_dir, http=self.http)
+
+    def devices_report(self) -> list[dict]:
+        """Each device: total, free (reported), reserved, available and which models hold it."""
+        if self.monitor is None:
+            return []
+        report = []
+        for device in self.monitor.devices.values():
+            reserved = self.ledger.reserved_mb(device.id)
+            report.append({
+                "id": device.id, "kind": device.kind, "name": device.name,
+                "total_mb": device.total_mb, "free_mb": device.free_mb,
+                "reserved_mb": reserved,
+                "available_mb": max(0.0, min(device.free_mb, device.total_mb - reserved)),
+                "utilization": device.utilization, "temperature": device.temperature,
+                "models": dict(self.ledger.holders(device.id)),
+            })
+        return report
+
+
+def _sleep(reactor, seconds: float) -> defer.Deferred:
+    d = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d

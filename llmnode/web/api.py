@@ -1,0 +1,209 @@
+"""The management API under C{/api}: start, stop and report models, devices and the node.
+
+JSON in and out; errors are OpenAI-shaped like the proxy's. Nothing here blocks the reactor: a
+start answers when the model is ready (or failed), from a Deferred.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from llmnode import __version__
+from llmnode.errors import ModelNotFound, NodeError
+from llmnode.node import STATES
+from llmnode.web.common import (ErrorResource, PendingResponse, method_not_allowed, render_error,
+                                render_json)
+
+log = Logger()
+
+
+class _JSONResource(Resource):
+    """A leaf answering the methods it has C{json_<METHOD>} for; others get a JSON 405."""
+
+    isLeaf = True
+
+    def render(self, request):
+        method = request.method.decode("ascii", "replace")
+        handler = getattr(self, "json_" + method, None)
+        if handler is None:
+            return method_not_allowed(
+                request, tuple(sorted(name[5:] for name in dir(self) if name.startswith("json_"))))
+        try:
+            result = handler(request)
+        except NodeError as e:
+            return render_error(request, e)
+        if isinstance(result, defer.Deferred):
+            _answer_later(PendingResponse(request), result)
+            return NOT_DONE_YET
+        status, body = result
+        return render_json(request, status, body)
+
+
+def _answer_later(response: PendingResponse, d: defer.Deferred) -> None:
+    """Answer with C{d}'s (status, body) or its NodeError, unless the client left."""
+
+    def failed(failure):
+        if failure.check(NodeError):
+            response.send_error(failure.value)
+        else:
+            log.failure("management request failed", failure)
+            response.send_error(NodeError(f"internal error: {failure.getErrorMessage()}"))
+
+    d.addCallbacks(lambda result: response.send_json(*result), failed)
+    d.addErrback(lambda f: log.failure("answering a management request", f))
+
+
+class _Group(Resource):
+    """An inner node of the tree: unknown children and the node itself get a JSON 404."""
+
+    def getChild(self, path, request):
+        return ErrorResource()
+
+    def render(self, request):
+        return ErrorResource().render(request)
+
+
+class HealthResource(_JSONResource):
+    """C{GET /api/health}: status, version, uptime, models by state, devices."""
+
+    def __init__(self, api: "ApiResource"):
+        super().__init__()
+        self.api = api
+
+    def json_GET(self, request):
+        by_state = {state: 0 for state in STATES}
+        for runtime in self.api.node.runtimes():
+            by_state[runtime.state] += 1
+        return 200, {
+            "status": "ok",
+            "version": __version__,
+            "uptime_s": round(self.api.clock.seconds() - self.api.started_at, 3),
+            "models": by_state,
+            "devices": self.api.devices(),
+        }
+
+
+class DevicesResource(_JSONResource):
+    """C{GET /api/devices}: each device's total, free and reserved memory and who holds it."""
+
+    def __init__(self, api: "ApiResource"):
+        super().__init__()
+        self.api = api
+
+    def json_GET(self, request):
+        return 200, {"devices": self.api.devices()}
+
+
+class ModelsResource(_Group):
+    """C{/api/models}: the list, C{stop-all}, and one child per model name."""
+
+    def __init__(self, api: "ApiResource"):
+        super().__init__()
+        self.api = api
+
+    def getChild(self, path, request):
+        name = path.decode("utf-8", "replace")
+        if name == "stop-all":
+            return StopAllResource(self.api)
+        if name == "":
+            return self
+        runtime = self.api.node.lookup(name)
+        if runtime is None:
+            return ErrorResource(ModelNotFound(f"no model named {name!r}", param="model"))
+        return ModelResource(runtime)
+
+    def render(self, request):
+        return _ModelList(self.api).render(request)
+
+
+class _ModelList(_JSONResource):
+    def __init__(self, api: "ApiResource"):
+        super().__init__()
+        self.api = api
+
+    def json_GET(self, request):
+        return 200, {"models": [runtime.info() for runtime in self.api.node.runtimes()]}
+
+
+class StopAllResource(_JSONResource):
+    """C{POST /api/models/stop-all}: stop every model; answers when all are stopped."""
+
+    def __init__(self, api: "ApiResource"):
+        super().__init__()
+        self.api = api
+
+    def json_POST(self, request):
+        runtimes = [r for r in self.api.node.runtimes() if r.state != "stopped"]
+        d = self.api.node.stop_all()
+        d.addCallback(lambda _: (200, {"stopped": [r.model.id for r in runtimes]}))
+        return d
+
+
+class ModelResource(Resource):
+    """C{/api/models/{alias}/(info|start|stop)}."""
+
+    def __init__(self, runtime):
+        super().__init__()
+        self.runtime = runtime
+
+    def getChild(self, path, request):
+        child = {b"info": ModelInfo, b"start": ModelStart, b"stop": ModelStop}.get(path)
+        if child is None:
+            return ErrorResource()
+        return child(self.runtime)
+
+    def render(self, request):
+        return ModelInfo(self.runtime).render(request)
+
+
+class _ModelLeaf(_JSONResource):
+    def __init__(self, runtime):
+        super().__init__()
+        self.runtime = runtime
+
+
+class ModelInfo(_ModelLeaf):
+    def json_GET(self, request):
+        return 200, self.runtime.info()
+
+
+class ModelStart(_ModelLeaf):
+    """Start a model; answers when it is ready, or at once with 202 given C{?wait=false}."""
+
+    def json_POST(self, request):
+        wait = request.args.get(b"wait", [b"true"])[-1].lower() not in (b"false", b"0", b"no")
+        d = self.runtime.ensure_running()
+        if not wait:
+            d.addErrback(lambda f: None)
+            return 202, self.runtime.info()
+        d.addCallback(lambda _: (200, self.runtime.info()))
+        return d
+
+
+class ModelStop(_ModelLeaf):
+    def json_POST(self, request):
+        d = self.runtime.stop()
+        d.addCallback(lambda _: (200, self.runtime.info()))
+        return d
+
+
+class ApiResource(_Group):
+    """The C{/api} tree.
+
+    @param devices: returns the devices report (a list of JSON-ready dicts).
+    """
+
+    def __init__(self, node, clock, *, devices: Callable[[], list], started_at: Optional[float] = None):
+        super().__init__()
+        self.node = node
+        self.clock = clock
+        self.devices = devices
+        self.started_at = clock.seconds() if started_at is None else started_at
+        self.putChild(b"health", HealthResource(self))
+        self.putChild(b"devices", DevicesResource(self))
+        self.putChild(b"models", ModelsResource(self))

@@ -1,0 +1,76 @@
+"""A whole node in the test's reactor: real sockets, real demo backends, real processes."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial.unittest import TestCase
+
+from tests.support.nodes import (base_url, demo_model, free_port, get_json, http_client,
+                                 pids_alive, post_json, sleep, start_node)
+
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hello"}]}
+
+
+class NodeTests(TestCase):
+    timeout = 60
+
+    async def test_chat_through_the_node_starts_the_model_on_demand(self):
+        service = await start_node(self, {"chat": demo_model(free_port(), aliases=["gpt-x"])})
+        http = http_client(self)
+        status, body, _ = await post_json(http, base_url(service) + "/v1/chat/completions",
+                                          dict(CHAT, model="gpt-x"))
+        self.assertEqual(status, 200, body)
+        self.assertIn("hello", body["choices"][0]["message"]["content"])
+        status, info = await get_json(http, base_url(service) + "/api/models/chat/info")
+        self.assertEqual(info["state"], "running")
+        self.assertEqual(info["requests_served"], 1)
+        self.assertEqual(info["in_flight"], 0)
+        self.assertEqual(info["plan"], "Plan")
+        self.assertEqual(info["memory_mb"], {"cpu": 64})
+        self.assertTrue(os.path.exists(info["log_file"]))
+
+    async def test_stopping_the_node_stops_every_backend(self):
+        models = {name: demo_model(free_port(), flags=flags)
+                  for name, flags in (("a", ""), ("b", "--fork-child"),
+                                      ("c", "--ignore-sigterm"))}
+        models["c"]["stop_timeout"] = 0.5
+        service = await start_node(self, models)
+        http = http_client(self)
+        pids = []
+        for name in models:
+            status, info, _ = await post_json(
+                http, base_url(service) + f"/api/models/{name}/start", {})
+            self.assertEqual(status, 200, info)
+            pids.append(info["pid"])
+        children = _group_members(pids)
+        self.assertGreater(len(children), len(pids), "the scripts' children are in the groups")
+        await service.stopService()
+        self.assertEqual(pids_alive(children), [])
+
+    async def test_health_reports_models_and_devices(self):
+        service = await start_node(self, {"chat": demo_model(free_port())})
+        await service.monitor.refresh()
+        status, health = await get_json(http_client(self), base_url(service) + "/api/health")
+        self.assertEqual(status, 200)
+        self.assertEqual(health["status"], "ok")
+        self.assertEqual(health["models"]["stopped"], 1)
+        self.assertIn("cpu", [d["id"] for d in health["devices"]])
+
+    async def test_unknown_paths_answer_json_404(self):
+        service = await start_node(self, {"chat": demo_model(free_port())})
+        response = await http_client(self).get(base_url(service) + "/nothing/here")
+        self.assertEqual(response.code, 404)
+        self.assertIn("error", await response.json())
+
+
+def _group_members(pgids) -> list[int]:
+    import psutil
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) in pgids:
+                members.append(process.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return members
