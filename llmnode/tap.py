@@ -6,6 +6,7 @@ This is the only module that imports the global reactor.
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import replace
 
 from twisted.python import usage
@@ -52,4 +53,24 @@ def makeService(options: Options):
 
     from llmnode.service import NodeService
 
+    reactor.addSystemEventTrigger("after", "startup", _stop_cleanly_on_sigterm, reactor)
     return NodeService(options.loaded, reactor, host=options["host"], port=options["port"])
+
+
+def _stop_cleanly_on_sigterm(reactor) -> None:
+    """SIGTERM is the normal way a container or init stops the node: shut down in order and
+    exit 0 (twistd's own handler would re-raise the signal and exit 143)."""
+    from twisted.internet.error import ReactorNotRunning
+    from twisted.logger import Logger
+
+    def stop():
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass  # a second SIGTERM while already stopping
+
+    def handler(signum, frame):
+        Logger().info("received SIGTERM: stopping every model, then exiting")
+        reactor.callFromThread(stop)
+
+    signal.signal(signal.SIGTERM, handler)

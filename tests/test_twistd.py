@@ -1,0 +1,152 @@
+"""The twistd plugin and its options, and a real `twistd -n llmnode` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import ProcessProtocol
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from llmnode.tap import Options
+from tests.support.nodes import (PACKAGE_ROOT, demo_model, free_port, get_json, http_client,
+                                 pids_alive, post_json, sleep, write_config)
+
+_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+class PluginTests(SynchronousTestCase):
+    def test_twistd_finds_the_plugin(self):
+        makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+        self.assertIn("llmnode", makers)
+        self.assertIs(makers["llmnode"].options, Options)
+
+
+class OptionsTests(SynchronousTestCase):
+    def config(self, **program):
+        return write_config(self, {"chat": demo_model(18999)}, **program)
+
+    def test_config_and_overrides(self):
+        options = Options()
+        options.parseOptions(["--config", self.config(), "--port", "9123", "--host", "::1"])
+        self.assertEqual(options["port"], 9123)
+        self.assertEqual(options["host"], "::1")
+        self.assertEqual([m.id for m in options.loaded.models], ["chat"])
+
+    def test_config_is_required(self):
+        error = self.assertRaises(usage.UsageError, Options().parseOptions, [])
+        self.assertIn("--config is required", str(error))
+
+    def test_missing_file_is_named(self):
+        error = self.assertRaises(usage.UsageError, Options().parseOptions,
+                                  ["--config", "/no/such/llmnode.yaml"])
+        self.assertIn("/no/such/llmnode.yaml", str(error))
+
+    def test_port_must_be_a_number(self):
+        self.assertRaises(usage.UsageError, Options().parseOptions,
+                          ["--config", self.config(), "--port", "eighty"])
+
+    def test_invalid_config_lists_every_problem(self):
+        path = write_config(self, {"chat": {"mode": "Chatty", "port": 70000}})
+        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", path])
+        self.assertIn("Local-Models.chat.mode", str(error))
+        self.assertIn("Local-Models.chat.port", str(error))
+
+    def test_log_dir_override(self):
+        options = Options()
+        options.parseOptions(["--config", self.config(), "--log-dir", "/tmp/llmnode-logs"])
+        self.assertEqual(options.loaded.program.log_dir, "/tmp/llmnode-logs")
+
+
+class Twistd(ProcessProtocol):
+    def __init__(self):
+        self.output = b""
+        self.ended = Deferred()
+
+    def outReceived(self, data):
+        self.output = (self.output + data)[-200000:]
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value)
+
+
+class TwistdProcessTests(TestCase):
+    timeout = 60
+
+    def spawn(self, config: str, port: int) -> Twistd:
+        process = Twistd()
+        env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT)
+        argv = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "llmnode",
+                "--config", config, "--port", str(port)]
+        transport = reactor.spawnProcess(process, sys.executable, argv, env=env,
+                                         path=os.path.dirname(config))
+        self.addCleanup(self.kill, transport, process)
+        return process
+
+    def kill(self, transport, process):
+        if not process.ended.called:
+            transport.signalProcess("KILL")
+        return process.ended
+
+    async def wait_healthy(self, http, url, process):
+        for _ in range(200):
+            if process.ended.called:
+                self.fail(f"twistd exited: {process.output[-3000:]!r}")
+            try:
+                return await get_json(http, url + "/api/health")
+            except Exception:
+                await sleep(0.05)
+        self.fail(f"twistd never answered: {process.output[-3000:]!r}")
+
+    async def start_with_model(self):
+        port = free_port()
+        config = write_config(self, {"chat": demo_model(free_port(), flags="--fork-child")})
+        process = self.spawn(config, port)
+        http = http_client(self)
+        url = f"http://127.0.0.1:{port}"
+        status, health = await self.wait_healthy(http, url, process)
+        self.assertEqual(status, 200)
+        self.assertEqual(health["status"], "ok")
+        status, info, _ = await post_json(http, url + "/api/models/chat/start", {})
+        self.assertEqual(status, 200, info)
+        import psutil
+        group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == info["pid"]]
+        self.assertGreaterEqual(len(group), 3, "supervisor, shell/backend and its child")
+        return process, group
+
+    async def test_sigterm_stops_every_backend_and_exits_0(self):
+        process, group = await self.start_with_model()
+        os.kill(_pid_of(process), signal.SIGTERM)
+        reason = await process.ended
+        self.assertIsInstance(reason, ProcessDone, process.output[-3000:].decode(errors="replace"))
+        self.assertEqual(pids_alive(group), [])
+
+    async def test_sigkill_of_the_node_leaves_no_backend(self):
+        process, group = await self.start_with_model()
+        os.kill(_pid_of(process), signal.SIGKILL)
+        await process.ended
+        for _ in range(100):
+            if not pids_alive(group):
+                break
+            await sleep(0.1)
+        self.assertEqual(pids_alive(group), [])
+
+
+def _pid_of(process: Twistd) -> int:
+    return process.transport.pid
+
+
+def _pgid(pid: int):
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
