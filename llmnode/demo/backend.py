@@ -49,6 +49,7 @@ _MAX_ECHOED_MESSAGE = 200
 _MAX_CHUNKS = 100_000
 _WORD = re.compile(r"\w+")
 _UNCOUNTED_PATHS = ("/health", "/debug/stats")
+_RERANK_PATHS = ("/v1/rerank", "/v1/reranking", "/rerank")
 
 _log = Logger()
 
@@ -352,10 +353,8 @@ class DemoResource(Resource):
             ("POST", "/v1/chat/completions"): self._chat,
             ("POST", "/v1/completions"): self._completions,
             ("POST", "/v1/embeddings"): self._embeddings,
-            ("POST", "/v1/rerank"): self._rerank,
-            ("POST", "/v1/reranking"): self._rerank,
-            ("POST", "/rerank"): self._rerank,
         }
+        self._routes.update({("POST", path): self._rerank for path in _RERANK_PATHS})
         self._paths = {path for _, path in self._routes}
 
     def render(self, request):
@@ -383,10 +382,21 @@ class DemoResource(Resource):
             self._route(exchange)
         except Exception:
             _log.failure("demo backend failed to answer {path}", path=exchange.path)
-            if not exchange.gone and not exchange.done and not exchange.request.startedWriting:
-                self._send_json(
-                    exchange, 500, _error_body("internal error in the demo backend", "server_error")
-                )
+            self._fail(exchange)
+
+    def _fail(self, exchange: _Exchange) -> None:
+        """Answer 500 after a bug, or cut the connection if the answer had already begun."""
+        if exchange.gone or exchange.done:
+            return
+        try:
+            if getattr(exchange.request, "startedWriting", False):
+                exchange.done = True
+                exchange.channel.transport.abortConnection()
+            else:
+                error = _error_body("internal error in the demo backend", "server_error")
+                self._send_json(exchange, 500, error)
+        except Exception:
+            _log.failure("demo backend could not report its own failure")
 
     def _route(self, exchange: _Exchange) -> None:
         request = exchange.request
@@ -403,9 +413,9 @@ class DemoResource(Resource):
             exchange.echo = self._echo(exchange, request, raw)
         if handler is None:
             if exchange.path in self._paths:
-                self._send_error(exchange, 405, f"method {method} not allowed here", "invalid_request_error")
+                self._send_error(exchange, 405, f"method {method} not allowed here")
             else:
-                self._send_error(exchange, 404, f"no route {exchange.path}", "invalid_request_error", code="not_found")
+                self._send_error(exchange, 404, f"no route {exchange.path}", code="not_found")
             return
         if method != "POST":
             handler(exchange, None)
@@ -413,17 +423,17 @@ class DemoResource(Resource):
         try:
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as error:
-            self._send_error(exchange, 400, f"could not parse the JSON body: {error}"[:300], "invalid_request_error")
+            self._send_error(exchange, 400, f"could not parse the JSON body: {error}"[:300])
             return
         if not isinstance(body, dict):
-            self._send_error(exchange, 400, "the JSON body must be an object", "invalid_request_error")
+            self._send_error(exchange, 400, "the JSON body must be an object")
             return
         if exchange.echo is not None and isinstance(body.get("model"), str):
             exchange.echo["model"] = body["model"]
         try:
             handler(exchange, body)
         except BadRequest as error:
-            self._send_error(exchange, 400, error.message, "invalid_request_error", error.param)
+            self._send_error(exchange, 400, error.message, error.param)
 
     def _echo(self, exchange: _Exchange, request, raw: bytes) -> dict:
         headers: dict[str, str] = {}
@@ -458,16 +468,16 @@ class DemoResource(Resource):
         exchange: _Exchange,
         status: int,
         message: str,
-        kind: str,
         param: Optional[str] = None,
         code: Any = None,
+        kind: str = "invalid_request_error",
     ) -> None:
         self._send_json(exchange, status, _error_body(message, kind, param, code))
 
     def _finish(self, exchange: _Exchange) -> None:
         exchange.done = True
         exchange.request.finish()
-        if exchange.path in _UNCOUNTED_PATHS:
+        if not (exchange.path.startswith("/v1/") or exchange.path in _RERANK_PATHS):
             return
         self._stats.requests += 1
         crash_after = self._options.crash_after
@@ -502,7 +512,7 @@ class DemoResource(Resource):
 
     def _health(self, exchange: _Exchange, body: None) -> None:
         if self._options.no_health:
-            self._send_error(exchange, 404, "no health endpoint", "invalid_request_error", code="not_found")
+            self._send_error(exchange, 404, "no health endpoint", code="not_found")
         elif self._clock.seconds() - self._started < self._options.health_delay:
             self._send_json(exchange, 503, {"status": "loading"})
         else:
@@ -700,6 +710,7 @@ class _Stream:
             self._send_unsafe(index)
         except Exception:
             _log.failure("demo backend stream failed")
+            self._resource._fail(exchange)
 
     def _send_unsafe(self, index: int) -> None:
         exchange = self._exchange
@@ -715,7 +726,8 @@ class _Stream:
         if index + 1 >= len(self._pieces):
             self._send(index + 1)
         else:
-            exchange.pending = self._resource._clock.callLater(self._interval, self._send, index + 1)
+            clock = self._resource._clock
+            exchange.pending = clock.callLater(self._interval, self._send, index + 1)
 
 
 class DemoChannel(HTTPChannel):
@@ -850,7 +862,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     factory = build_factory(options, reactor, stats, _hard_exit)
     port = reactor.listenTCP(options.port, factory, interface=options.host)
     newline = "\n" if options.long_line else ""
-    print(f"{newline}listening on {options.host}:{port.getHost().port} pid {os.getpid()}", flush=True)
+    address = f"{options.host}:{port.getHost().port}"
+    line = f"{newline}listening on {address} pid {os.getpid()}"
+    reactor.callWhenRunning(print, line, flush=True)
     reactor.run(installSignalHandlers=not options.ignore_sigterm)
 
 
