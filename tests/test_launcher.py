@@ -214,6 +214,23 @@ class BackendTests(unittest.TestCase):
         self.assertIsNone(backend.pid)
         self.assertIsNone(stranger.poll())
 
+    async def test_restart_on_the_same_port_right_after_stop(self):
+        """Connections of the stopped backend closing (TIME_WAIT) do not make the port busy."""
+        first = self.backend(demo(self.port))
+        await first.start()
+        self.assertEqual(await self.get("/v1/models"), 200)
+        await first.stop()
+        second = self.backend(demo(self.port))
+        await second.start()
+        self.assertEqual(await self.get("/v1/models"), 200)
+        self.assertIn("ready on port", "\n".join(self.log.tail(5)))
+
+    async def test_missing_working_directory_is_a_spawn_error(self):
+        backend = self.backend(demo(self.port), cwd=os.path.join(self.dir, "missing"))
+        e = await self.assertFailure(defer.Deferred.fromCoroutine(backend.start()), StartError)
+        self.assertEqual(e.reason, "spawn")
+        self.assertIn("missing", e.message)
+
     async def test_long_line_is_logged_truncated(self):
         backend = self.backend(demo(self.port, "--long-line", "100"))
         await backend.start()

@@ -130,6 +130,9 @@ class Backend:
         """
         if self.pid is not None:
             raise RuntimeError("a Backend starts once; make a new one")
+        if not os.path.isdir(self.cwd):
+            raise StartError(f"model {self.model_id!r}: working directory {self.cwd!r} does not "
+                             "exist", "spawn")
         busy = ports.describe_busy(self.host, self.port)
         if busy:
             raise StartError(f"model {self.model_id!r}: {busy}", "port_busy")
