@@ -192,6 +192,14 @@ class BackendTests(unittest.TestCase):
         self.assertIn("stopped before it was ready", e.message)
         self.assertFalse(group_alive(backend.pid))
 
+    async def test_cancelled_start_stops_the_process(self):
+        backend = self.backend(demo(self.port, "--start-delay", "999"))
+        starting = defer.Deferred.fromCoroutine(backend.start())
+        await sleep(0.3)
+        starting.cancel()
+        await self.assertFailure(starting, defer.CancelledError)
+        await wait_until(lambda: not group_alive(backend.pid), 8, "the group to be stopped")
+
     async def test_health_404_falls_back_to_models(self):
         backend = self.backend(demo(self.port, "--no-health"))
         await backend.start()

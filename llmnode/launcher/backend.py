@@ -144,7 +144,11 @@ class Backend:
         timer.addBoth(self._end_probing)
         self._probing = True
         healthy = defer.Deferred.fromCoroutine(self._wait_healthy())
-        index, value = await defer.race([healthy, exited, timer])
+        try:
+            index, value = await defer.race([healthy, exited, timer])
+        except defer.CancelledError:
+            self.stop()
+            raise
         if index == 0:
             self.ready_at = self._reactor.seconds()
             self.model_log.note(f"ready on port {self.port} "
