@@ -1,0 +1,285 @@
+"""The OpenAI-compatible C{/v1} routing proxy.
+
+A POST names a model in its JSON body; the proxy resolves it (id or alias), checks that the
+model's mode serves the endpoint, starts it on demand, forwards the request and streams the
+answer back through L{StreamRelay}.
+
+Mounting (see L{mount})::
+
+    v1 = V1Resource(node, http, clock, program)
+    root.putChild(b"v1", v1)
+    root.putChild(b"rerank", v1.rerank)
+    Site(root, requestFactory=bounded_request_factory(max_body_bytes(program.max_body_mb)))
+
+The request factory is optional: without it the limit still holds (413), but twisted.web will
+have buffered the whole oversized body before the proxy sees it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from llmnode.errors import BadGateway, BadRequest, GatewayTimeout, ModelNotFound, NodeError
+from llmnode.web.common import (
+    ErrorResource,
+    PendingResponse,
+    max_body_bytes,
+    method_not_allowed,
+    parse_json_object,
+    read_body,
+    render_error,
+)
+from llmnode.web.models import ModelsResource
+from llmnode.web.relay import StreamRelay, end_to_end
+
+log = Logger()
+
+#: Request headers never forwarded: the agent sets its own Host and Content-Length, and the
+#: node already answered any C{Expect: 100-continue}.
+_REQUEST_DROP = frozenset({b"host", b"content-length", b"expect"})
+
+#: What each endpoint is called in messages.
+_ENDPOINT_NAMES = {
+    "chat": "chat completions",
+    "completions": "completions",
+    "embeddings": "embeddings",
+    "rerank": "rerank",
+}
+
+
+class _Branch(Resource):
+    """A path prefix: itself and any unknown child answer a JSON 404."""
+
+    def getChild(self, path, request):
+        return ErrorResource()
+
+    def render(self, request):
+        return ErrorResource().render(request)
+
+
+class V1Resource(_Branch):
+    """C{/v1}: the proxied endpoints and the model listing.
+
+    @param node: resolves names to runtimes (C{lookup}, C{runtimes}).
+    @param http: the node's C{treq.HTTPClient} (persistent pool).
+    @param clock: C{callLater}/C{seconds} provider.
+    @param program: the L{llmnode.config.Program} settings (body limit, timeouts).
+    """
+
+    def __init__(self, node, http, clock, program):
+        super().__init__()
+        forwarder = Forwarder(node, http, clock, program)
+        self.chat = ProxyEndpoint(forwarder, "chat")
+        self.completions = ProxyEndpoint(forwarder, "completions")
+        self.embeddings = ProxyEndpoint(forwarder, "embeddings")
+        self.rerank = ProxyEndpoint(forwarder, "rerank")
+        self.models = ModelsResource(node, created=int(clock.seconds()))
+        chat = _Branch()
+        chat.putChild(b"completions", self.chat)
+        self.putChild(b"chat", chat)
+        self.putChild(b"completions", self.completions)
+        self.putChild(b"embeddings", self.embeddings)
+        self.putChild(b"rerank", self.rerank)
+        self.putChild(b"reranking", self.rerank)
+        self.putChild(b"models", self.models)
+
+
+def mount(root: Resource, node, http, clock, program) -> V1Resource:
+    """Put the proxy at C{/v1} and its rerank endpoint at C{/rerank} under C{root}."""
+    v1 = V1Resource(node, http, clock, program)
+    root.putChild(b"v1", v1)
+    root.putChild(b"rerank", v1.rerank)
+    return v1
+
+
+class ProxyEndpoint(Resource):
+    """One POST endpoint that forwards to the model named in the body."""
+
+    isLeaf = True
+
+    def __init__(self, forwarder: "Forwarder", endpoint: str):
+        super().__init__()
+        self._forwarder = forwarder
+        self._endpoint = endpoint
+
+    def render(self, request):
+        if request.postpath not in ([], [b""]):
+            return ErrorResource().render(request)
+        if request.method != b"POST":
+            return method_not_allowed(request, ("POST",))
+        try:
+            runtime, body = self._forwarder.route(request, self._endpoint)
+        except NodeError as e:
+            return render_error(request, e)
+        self._forwarder.forward(request, runtime, body)
+        return NOT_DONE_YET
+
+
+class Forwarder:
+    """Resolves and forwards proxied requests; shared by the endpoints."""
+
+    def __init__(self, node, http, clock, program):
+        self._node = node
+        self._http = http
+        self._clock = clock
+        self._program = program
+        self._limit = max_body_bytes(program.max_body_mb)
+
+    def route(self, request, endpoint: str):
+        """The runtime and the body to send for C{request}, or a L{NodeError}."""
+        raw = read_body(request, self._limit)
+        body = parse_json_object(raw)
+        name = body.get("model")
+        if "model" not in body:
+            raise BadRequest("missing required parameter 'model'", param="model")
+        if not isinstance(name, str):
+            raise BadRequest("'model' must be a string", param="model")
+        runtime = self._node.lookup(name)
+        if runtime is None:
+            raise ModelNotFound(f"the model {name[:200]!r} does not exist on this node",
+                                param="model")
+        model = runtime.model
+        if not model.serves(endpoint):
+            raise BadRequest(
+                f"model {name[:200]!r} has mode {model.mode!r} and does not serve "
+                f"{_ENDPOINT_NAMES[endpoint]}", param="model", code="wrong_model_mode")
+        if model.upstream_model is not None:
+            body["model"] = model.upstream_model
+            raw = json.dumps(body).encode("utf-8")
+        return runtime, raw
+
+    def forward(self, request, runtime, body: bytes) -> None:
+        """Count the request in flight and start forwarding it; never raises."""
+        runtime.request_started()
+        finished = request.notifyFinish()
+        pending = PendingResponse(request)
+        finished.addBoth(_release, runtime)
+        Exchange(pending, runtime, body, self._http, self._clock, self._program).start()
+
+
+def _release(_, runtime) -> None:
+    try:
+        runtime.request_finished()
+    except Exception:
+        log.failure("request_finished failed for {model}", model=runtime.model.id)
+
+
+class Exchange:
+    """One proxied request: wait for the model, send the request, relay the answer."""
+
+    def __init__(self, pending: PendingResponse, runtime, body: bytes, http, clock, program):
+        self._pending = pending
+        self._runtime = runtime
+        self._body = body
+        self._http = http
+        self._clock = clock
+        self._program = program
+        self._headers_late = False
+        self._sending = False
+        self._header_timer: Optional[IDelayedCall] = None
+        self._work: Optional[Deferred] = None
+
+    def start(self) -> None:
+        self._pending.on_gone(self._client_gone)
+        self._work = Deferred.fromCoroutine(self._run())
+        self._work.addErrback(self._crashed)
+
+    def _crashed(self, failure) -> None:
+        log.failure("proxying a request to {model} failed", failure,
+                    model=self._runtime.model.id)
+        pending = self._pending
+        if pending.open:
+            if pending.request.startedWriting:
+                pending.cut()
+            else:
+                pending.send_error(NodeError("internal error in the proxy"))
+
+    def _client_gone(self) -> None:
+        if self._work is not None:
+            self._work.cancel()
+
+    async def _run(self) -> None:
+        try:
+            host, port = await self._wait_ready()
+            response = await self._send(host, port)
+        except Exception as e:
+            if not self._pending.open:
+                return
+            self._pending.send_error(self._as_node_error(e))
+            return
+        if not self._pending.open:
+            response.deliverBody(_Discard())
+            return
+        StreamRelay(self._pending, self._clock, self._program.stream_idle_timeout).start(response)
+
+    def _wait_ready(self) -> Deferred:
+        """The model's readiness, as a Deferred of our own: cancelling it leaves the shared
+        start alone."""
+        mine: Deferred = Deferred()
+        maybeDeferred(self._runtime.ensure_running).chainDeferred(mine)
+        return mine
+
+    async def _send(self, host: str, port: int):
+        self._sending = True
+        request = self._pending.request
+        uri = request.uri if request.uri.startswith(b"/") else request.path
+        host_text = f"[{host}]" if ":" in host else host
+        url = f"http://{host_text}:{port}".encode("ascii") + uri
+        headers = end_to_end(request.requestHeaders, _REQUEST_DROP)
+        sending = self._http.request(
+            request.method.decode("ascii"), url, headers=headers, data=self._body,
+            allow_redirects=False, unbuffered=True)
+        self._header_timer = self._clock.callLater(
+            self._program.backend_header_timeout, self._too_late, sending)
+        try:
+            return await sending
+        finally:
+            if self._header_timer.active():
+                self._header_timer.cancel()
+
+    def _too_late(self, sending: Deferred) -> None:
+        self._headers_late = True
+        sending.cancel()
+
+    def _as_node_error(self, error: Exception) -> NodeError:
+        model = self._runtime.model.id
+        if isinstance(error, NodeError):
+            return error
+        if self._headers_late:
+            return GatewayTimeout(
+                f"model {model!r} sent no response headers within "
+                f"{self._program.backend_header_timeout:g} s")
+        if not self._sending:
+            log.failure("starting model {model} failed unexpectedly", model=model)
+            return NodeError(f"starting model {model!r} failed: {_describe(error)}")
+        log.info("backend of {model} failed: {why}", model=model, why=_describe(error))
+        return BadGateway(f"the backend of model {model!r} failed: {_describe(error)}")
+
+
+def _describe(error: BaseException) -> str:
+    """A short reason; unwraps twisted.web's C{reasons} lists of Failures."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        error = getattr(reasons[0], "value", reasons[0])
+    text = str(error) or type(error).__name__
+    return text[:300]
+
+
+class _Discard:
+    """A body protocol that closes a response nobody wants any more."""
+
+    def makeConnection(self, transport):
+        transport.stopProducing()
+
+    def dataReceived(self, data):
+        pass
+
+    def connectionLost(self, reason):
+        pass

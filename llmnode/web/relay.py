@@ -1,0 +1,187 @@
+"""The streaming relay: a backend's response body copied to the client as it arrives."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+from zope.interface import implementer
+
+from llmnode.web.common import PendingResponse
+
+log = Logger()
+
+#: Headers that describe one connection, never the message (RFC 9110 section 7.6.1).
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
+})
+
+
+def end_to_end(headers: Headers, also_drop: frozenset = frozenset()) -> Headers:
+    """A copy of C{headers} without hop-by-hop ones, those named in C{Connection}, and
+    C{also_drop} (lower-case names)."""
+    named = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        named.update(token.strip().lower() for token in value.split(b","))
+    dropped = HOP_BY_HOP | also_drop | named
+    kept = Headers()
+    for name, values in headers.getAllRawHeaders():
+        if name.lower() not in dropped:
+            kept.setRawHeaders(name, list(values))
+    return kept
+
+
+def is_event_stream(headers: Headers) -> bool:
+    """Whether a response's content type is C{text/event-stream}."""
+    value = (headers.getRawHeaders(b"content-type") or [b""])[0]
+    return value.split(b";")[0].strip().lower() == b"text/event-stream"
+
+
+@implementer(IPushProducer)
+class StreamRelay(Protocol):
+    """Copies one backend response to a client, chunk by chunk, with backpressure.
+
+    It is the response body's protocol (its transport is the backend connection) and the
+    client request's push producer: a slow client pauses reading from the backend. The client
+    leaving, or the backend staying silent for C{idle_timeout} seconds, closes the backend
+    connection. A body that ends in error cuts the client's connection, so the client sees an
+    incomplete body, never a clean end.
+
+    @param on_end: called once with None (whole body relayed) or the Failure that ended it.
+    """
+
+    def __init__(self, pending: PendingResponse, clock: IReactorTime, idle_timeout: float,
+                 on_end=None):
+        self._pending = pending
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._on_end = on_end
+        self._idle: Optional[IDelayedCall] = None
+        self._paused = False
+        self._stalled = False
+        self._done = False
+        self._registered = False
+
+    def start(self, response) -> None:
+        """Send C{response}'s status and headers to the client, then relay its body."""
+        request = self._pending.request
+        request.setResponseCode(response.code, response.phrase)
+        headers = end_to_end(response.headers, frozenset({b"content-length"}))
+        for name, values in headers.getAllRawHeaders():
+            request.responseHeaders.setRawHeaders(name, list(values))
+        if response.length is not UNKNOWN_LENGTH:
+            request.setHeader(b"Content-Length", b"%d" % response.length)
+        if is_event_stream(response.headers):
+            request.setHeader(b"X-Accel-Buffering", b"no")
+        set_no_delay = getattr(getattr(request, "transport", None), "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except Exception:
+                pass
+        self._pending.on_gone(self._client_gone)
+        if self._pending.open:
+            request.write(b"")
+        response.deliverBody(self)
+
+    # The backend side (IProtocol).
+
+    def connectionMade(self):
+        if not self._pending.open:
+            self.transport.stopProducing()
+            return
+        self._pending.request.registerProducer(self, True)
+        self._registered = True
+        self._arm()
+
+    def dataReceived(self, data):
+        if not self._pending.open:
+            return
+        self._arm()
+        self._pending.request.write(data)
+
+    def connectionLost(self, reason=None):
+        self._done = True
+        self._disarm()
+        if self._stalled:
+            reason = Failure(StreamStalled(self._idle_timeout))
+        clean = reason is None or reason.check(ResponseDone, PotentialDataLoss)
+        if self._pending.open:
+            if self._registered:
+                self._pending.request.unregisterProducer()
+            if clean:
+                self._pending.finish()
+            else:
+                log.info("backend response ended in error: {why}",
+                         why=str(reason.value)[:300])
+                self._pending.cut()
+        self._report(None if clean else reason)
+
+    def _report(self, result) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            try:
+                on_end(result)
+            except Exception:
+                log.failure("relay end callback failed")
+
+    # The client side (IPushProducer, called by twisted.web's channel).
+
+    def pauseProducing(self):
+        self._paused = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        self._paused = False
+        if self.transport is not None and not self._done:
+            self._arm()
+            self.transport.resumeProducing()
+
+    def stopProducing(self):
+        self._abort_backend()
+
+    # Timers and teardown.
+
+    def _arm(self) -> None:
+        if self._done or self._paused:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_timeout)
+        else:
+            self._idle = self._clock.callLater(self._idle_timeout, self._stall)
+
+    def _disarm(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+
+    def _stall(self) -> None:
+        self._idle = None
+        log.warn("backend silent for {seconds}s mid-response; aborting it",
+                 seconds=self._idle_timeout)
+        self._stalled = True
+        self._abort_backend()
+
+    def _client_gone(self) -> None:
+        self._disarm()
+        self._abort_backend()
+
+    def _abort_backend(self) -> None:
+        if self.transport is not None and not self._done:
+            self.transport.stopProducing()
+
+
+class StreamStalled(Exception):
+    """The backend sent nothing for the stream idle timeout."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"backend sent nothing for {seconds:g} s")
