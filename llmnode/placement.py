@@ -339,8 +339,9 @@ class Placer:
                     return placement
                 devices = self._monitor.devices
                 if not possible(model, devices):
-                    raise Unavailable(explain(model, devices, self.ledger) + " (never fits)",
-                                      retry_after=self._retry_after)
+                    raise Unavailable(
+                        explain(model, devices, self.ledger) + " (not even on idle devices)",
+                        retry_after=self._retry_after)
                 remaining = deadline - self._clock.seconds()
                 if remaining <= 0:
                     raise Unavailable(explain(model, devices, self.ledger),

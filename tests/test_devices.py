@@ -87,7 +87,8 @@ class NvmlPluginTests(SynchronousTestCase):
             id="gpu0", kind="gpu", name="NVIDIA GeForce RTX 4060", total_mb=8188,
             free_mb=6000, utilization=35, temperature=61, processes=((4242, 1500), (4243, 0)),
             plugin="nvml"))
-        self.assertEqual((second.id, second.name, second.total_mb), ("gpu1", "NVIDIA A100-SXM4-80GB", 81920))
+        self.assertEqual((second.id, second.name, second.total_mb),
+                         ("gpu1", "NVIDIA A100-SXM4-80GB", 81920))
 
     def test_bytes_names_are_decoded(self):
         [device] = NvmlPlugin(FakePynvml([FakeGpu("Tesla T4", 15360, 15000)],

@@ -342,7 +342,7 @@ class PlacerTests(SynchronousTestCase):
     def test_never_fitting_model_fails_at_once(self):
         d = self.place(model("huge", plan("P", "gpu0", gpu0=20000), plan("Q", "tpu")))
         failure = self.failureResultOf(d, Unavailable)
-        self.assertIn("never fits", failure.value.message)
+        self.assertIn("not even on idle devices", failure.value.message)
         self.assertIn("no device matches 'tpu'", failure.value.message)
         self.assertEqual(failure.value.retry_after, 7)
 
