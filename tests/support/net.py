@@ -91,18 +91,22 @@ class RawClient(Protocol):
         self.lost: Deferred = Deferred()
         self.connected_ = False
         self.reason = None
+        self._received = bytearray()
         self._watch: list[tuple[bytes, Deferred]] = []
 
     def connectionMade(self):
         self.connected_ = True
 
     def dataReceived(self, data):
-        self.reads.append((reactor.seconds(), data))
-        received = self.data
+        now = reactor.seconds()
+        self.reads.append((now, data))
+        self._received += data
+        if not self._watch:
+            return
         still = []
         for needle, waiter in self._watch:
-            if needle in received:
-                waiter.callback(reactor.seconds())
+            if needle in self._received:
+                waiter.callback(now)
             else:
                 still.append((needle, waiter))
         self._watch = still
@@ -114,11 +118,11 @@ class RawClient(Protocol):
 
     @property
     def data(self) -> bytes:
-        return b"".join(chunk for _, chunk in self.reads)
+        return bytes(self._received)
 
     def when_received(self, needle: bytes) -> Deferred:
         """Fire with the time once C{needle} has arrived (at once if it already has)."""
-        if needle in self.data:
+        if needle in self._received:
             return succeed(reactor.seconds())
         waiter: Deferred = Deferred()
         self._watch.append((needle, waiter))
