@@ -11,13 +11,19 @@ import json
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from io import BytesIO
+
+from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
-from twisted.trial.unittest import TestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.test.requesthelper import DummyRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmnode.config import Program
-from llmnode.errors import Unavailable
+from llmnode.errors import BadGateway, BodyTooLarge, Unavailable
+from llmnode.web.common import PendingResponse, read_body, render_error
 from tests.support.demo import spawn_demo
 from tests.support.fake_node import FakeRuntime, model
 from tests.support.net import (
@@ -349,6 +355,48 @@ class ModelsTests(ProxyCase):
         self.assertOpenAIError(response, await response.json(), 405)
         self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
         self.assertEqual((chat.spawns, embed.spawns), (0, 0))
+
+
+class CommonTests(SynchronousTestCase):
+    """The helpers the web resources share."""
+
+    def test_error_rendering(self):
+        request = DummyRequest([b""])
+        body = render_error(request, Unavailable("busy", retry_after=0.2))
+        self.assertEqual(request.responseCode, 503)
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"retry-after"), [b"1"])
+        self.assertEqual(json.loads(body), {"error": {
+            "message": "busy", "type": "server_error", "param": None,
+            "code": "model_unavailable"}})
+
+    def test_body_limit_without_a_bounded_request(self):
+        request = DummyRequest([b""])
+        request.content = BytesIO(b"x" * 101)
+        self.assertRaises(BodyTooLarge, read_body, request, 100)
+        request.content = BytesIO(b"x" * 100)
+        self.assertEqual(read_body(request, 100), b"x" * 100)
+        request.requestHeaders.setRawHeaders(b"content-length", [b"5000"])
+        self.assertRaises(BodyTooLarge, read_body, request, 100)
+
+    def test_nothing_is_written_after_the_client_left(self):
+        request = DummyRequest([b""])
+        pending = PendingResponse(request)
+        gone = []
+        pending.on_gone(lambda: gone.append(True))
+        request.processingFailed(Failure(ConnectionLost()))
+        self.assertEqual(gone, [True])
+        self.assertFalse(pending.send_error(BadGateway("late")))
+        self.assertFalse(pending.finish())
+        self.assertEqual(request.written, [])
+        self.assertEqual(request.finished, 0)
+
+    def test_a_response_ends_once(self):
+        request = DummyRequest([b""])
+        pending = PendingResponse(request)
+        self.assertTrue(pending.send_json(200, {"ok": True}))
+        self.assertFalse(pending.send_error(BadGateway("again")))
+        self.assertEqual(request.finished, 1)
+        self.assertEqual(json.loads(b"".join(request.written)), {"ok": True})
 
 
 class _Silent(Resource):

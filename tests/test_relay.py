@@ -118,6 +118,8 @@ class RelayTests(TestCase):
         await self.runtime.when_idle()
 
     async def test_slow_client_pauses_the_backend(self):
+        """A client that stops reading pauses the backend; it is not cut for the backend's
+        silence meanwhile (the idle timeout is shorter than the pause)."""
         total = 64 * 1024 * 1024
         writers = []
 
@@ -125,7 +127,7 @@ class RelayTests(TestCase):
             writers.append(BulkWriter(exchange, total))
             writers[-1].start()
 
-        port = self.proxy(script)
+        port = self.proxy(script, Program(stream_idle_timeout=0.25))
         client = await self.request(port)
         await client.when_received(b"\r\n\r\n")
         client.transport.pauseProducing()
@@ -139,6 +141,7 @@ class RelayTests(TestCase):
         self.assertTrue(writer.paused)
         self.assertGreater(writer.pauses, 0)
         self.assertLess(writer.produced, total // 2)
+        await _sleep(0.4)
         client.transport.resumeProducing()
         await client.lost
         status, headers, body, complete = parse_response(client.data)

@@ -118,6 +118,9 @@ class ProxyEndpoint(Resource):
             runtime, body = self._forwarder.route(request, self._endpoint)
         except NodeError as e:
             return render_error(request, e)
+        except Exception:
+            log.failure("routing a {endpoint} request failed", endpoint=self._endpoint)
+            return render_error(request, NodeError("internal error in the proxy"))
         self._forwarder.forward(request, runtime, body)
         return NOT_DONE_YET
 
@@ -134,6 +137,8 @@ class Forwarder:
 
     def route(self, request, endpoint: str):
         """The runtime and the body to send for C{request}, or a L{NodeError}."""
+        if not request.uri.isascii():
+            raise BadRequest("the request target must be ASCII (percent-encode it)")
         raw = read_body(request, self._limit)
         body = parse_json_object(raw)
         name = body.get("model")
@@ -156,7 +161,7 @@ class Forwarder:
         return runtime, raw
 
     def forward(self, request, runtime, body: bytes) -> None:
-        """Count the request in flight and start forwarding it; never raises."""
+        """Count the request in flight (until its response ends) and start forwarding it."""
         runtime.request_started()
         finished = request.notifyFinish()
         pending = PendingResponse(request)
