@@ -10,7 +10,7 @@ import hashlib
 import json
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from io import BytesIO
 
 from twisted.internet.error import ConnectionLost
