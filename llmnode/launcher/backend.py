@@ -145,7 +145,7 @@ class Backend:
         self._probing = True
         healthy = defer.Deferred.fromCoroutine(self._wait_healthy())
         try:
-            index, value = await defer.race([healthy, exited, timer])
+            index, value = await _first([healthy, exited, timer])
         except defer.CancelledError:
             self.stop()
             raise
@@ -246,7 +246,7 @@ class Backend:
             d = defer.Deferred()
             self._end_waiters.append(d)
             timer = deferLater(self._reactor, _OUTPUT_WAIT, lambda: None)
-            await defer.race([d, timer])
+            await _first([d, timer])
         self.model_log.flush()
 
     # -- the process's events -------------------------------------------------------------
@@ -353,7 +353,7 @@ class Backend:
             self.log.failure("running the stop command of {model}", model=self.model_id)
             return
         timer = deferLater(self._reactor, self.stop_timeout, lambda: None)
-        index, _ = await defer.race([done, timer])
+        index, _ = await _first([done, timer])
         if index == 1:
             self.model_log.note(f"stop command still running after {self.stop_timeout:g} s; "
                                 "killed")
@@ -415,3 +415,29 @@ class _StopCommand(protocol.ProcessProtocol):
             self._backend.log.failure("logging the stop command's end")
         if not self._done.called:
             self._done.callback(None)
+
+
+async def _first(ds: list) -> tuple:
+    """(index, result) of the first of C{ds} to fire; the others are cancelled.
+
+    Unlike C{defer.race}, cancelling the wait is safe: the losers' late failures are ignored
+    instead of firing an already-cancelled Deferred again.
+    """
+    result = defer.Deferred()
+
+    def won(value, index):
+        if not result.called:
+            result.callback((index, value))
+
+    def lost(failure, index):
+        if not result.called:
+            result.errback(failure)
+
+    for index, d in enumerate(ds):
+        d.addCallbacks(won, lost, callbackArgs=(index,), errbackArgs=(index,))
+    try:
+        return await result
+    finally:
+        for d in ds:
+            if not d.called:
+                d.cancel()
