@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -17,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llmnode.config import Config, Model
-from llmnode.errors import Unavailable
+from llmnode.errors import Overloaded, Unavailable
 
 STOPPED = "stopped"
 STARTING = "starting"
@@ -93,8 +94,10 @@ class ModelRuntime:
         self.last_error: Optional[str] = None
         self.last_error_at: Optional[float] = None
         self.history = CrashHistory(self._clock, node.crash_policy)
-        self._start: Optional[defer.Deferred] = None
-        self._stop: Optional[defer.Deferred] = None
+        self._start: Optional[_Shared] = None
+        self._stop: Optional[_Shared] = None
+        self._active = 0
+        self._queue: deque[defer.Deferred] = deque()
         self._stop_requested = False
 
     # -- requests ------------------------------------------------------------------------
@@ -109,6 +112,33 @@ class ModelRuntime:
         self.requests_served += 1
         self.last_used = self._clock.seconds()
         self.node.changed()
+
+    def admit(self) -> defer.Deferred:
+        """Fire when the request may be forwarded under C{max_concurrency}; fail with
+        L{Overloaded} when C{max_queue} requests already wait. Pair with L{leave}."""
+        limit = self.model.max_concurrency
+        if limit is None or self._active < limit:
+            self._active += 1
+            return defer.succeed(None)
+        if len(self._queue) >= self.model.max_queue:
+            return defer.fail(Overloaded(
+                f"model {self.model.id!r} is at its limit of {limit} concurrent requests and "
+                f"{self.model.max_queue} waiting", retry_after=1))
+        waiter = defer.Deferred(lambda d: self._queue.remove(d))
+        self._queue.append(waiter)
+        return waiter
+
+    def leave(self) -> None:
+        """A request admitted by L{admit} ended: hand its slot to the next waiter."""
+        if self._queue:
+            self._queue.popleft().callback(None)
+        else:
+            self._active = max(0, self._active - 1)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a concurrency slot."""
+        return len(self._queue)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -283,6 +313,7 @@ class ModelRuntime:
             "last_used": self.last_used,
             "idle_seconds": self.idle_seconds(),
             "in_flight": self.in_flight,
+            "queued": self.queued,
             "requests_served": self.requests_served,
             "starts": self.starts,
             "crashes": self.crashes,

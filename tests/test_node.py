@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmnode.config import Config, Model, Plan, Program
-from llmnode.errors import Unavailable
+from llmnode.errors import Overloaded, Unavailable
 from llmnode.node import (FAILED, RUNNING, STARTING, STOPPED, CrashHistory, CrashPolicy, Node,
                           backend_environment)
 
@@ -276,3 +276,42 @@ class EnvironmentTests(SynchronousTestCase):
         self.assertEqual(env["PATH"], "/bin")
         self.assertEqual(env["A"], "1", "the plan's env wins over the inherited one")
         self.assertIn("LLMNODE_PYTHON", env)
+
+
+class ConcurrencyTests(SynchronousTestCase):
+    def runtime(self, limit=2, queue=1):
+        return Harness([make_model(max_concurrency=limit, max_queue=queue)]).node.lookup("m")
+
+    def test_requests_over_the_limit_wait_for_a_slot(self):
+        runtime = self.runtime()
+        first, second, third = runtime.admit(), runtime.admit(), runtime.admit()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertNoResult(third)
+        self.assertEqual(runtime.queued, 1)
+        runtime.leave()
+        self.successResultOf(third)
+        self.assertEqual(runtime.queued, 0)
+
+    def test_a_full_queue_answers_429(self):
+        runtime = self.runtime(limit=1, queue=1)
+        runtime.admit(), runtime.admit()
+        failure = self.failureResultOf(runtime.admit(), Overloaded)
+        self.assertEqual(failure.value.status, 429)
+        self.assertEqual(failure.value.retry_after, 1)
+
+    def test_a_waiter_that_leaves_gives_up_its_place(self):
+        runtime = self.runtime(limit=1, queue=5)
+        runtime.admit()
+        leaving, staying = runtime.admit(), runtime.admit()
+        leaving.cancel()
+        self.failureResultOf(leaving, defer.CancelledError)
+        runtime.leave()
+        self.successResultOf(staying)
+        runtime.leave()
+        self.assertEqual(self.successResultOf(runtime.admit()), None, "the slot is free again")
+
+    def test_no_limit_admits_everything(self):
+        runtime = Harness().node.lookup("m")
+        for _ in range(1000):
+            self.successResultOf(runtime.admit())

@@ -74,3 +74,21 @@ def _group_members(pgids) -> list[int]:
         except (ProcessLookupError, psutil.Error):
             pass
     return members
+
+
+class ConcurrencyLimitTests(TestCase):
+    timeout = 60
+
+    async def test_over_max_concurrency_and_queue_answers_429(self):
+        from twisted.internet import defer
+        service = await start_node(self, {"chat": demo_model(
+            free_port(), max_concurrency=1, max_queue=1, flags="--slow-headers 0.5")})
+        http = http_client(self)
+        url = base_url(service) + "/v1/chat/completions"
+        results = await defer.gatherResults([
+            defer.ensureDeferred(post_json(http, url, CHAT)) for _ in range(3)])
+        statuses = sorted(status for status, _, _ in results)
+        self.assertEqual(statuses, [200, 200, 429])
+        status, body, headers = [r for r in results if r[0] == 429][0]
+        self.assertEqual(body["error"]["type"], "rate_limit_error")
+        self.assertEqual(headers.getRawHeaders(b"Retry-After"), [b"1"])

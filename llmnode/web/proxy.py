@@ -212,6 +212,7 @@ class Exchange:
 
     async def _run(self) -> None:
         try:
+            await self._admit()
             host, port = await self._wait_ready()
             response = await self._send(host, port)
         except Exception as e:
@@ -223,6 +224,13 @@ class Exchange:
             response.deliverBody(_Discard())
             return
         StreamRelay(self._pending, self._clock, self._program.stream_idle_timeout).start(response)
+
+    async def _admit(self) -> None:
+        """Wait for a concurrency slot of the model (see C{max_concurrency}); it is given
+        back when the response ends, however it ends."""
+        runtime = self._runtime
+        await runtime.admit()
+        self._pending.request.notifyFinish().addBoth(lambda _: runtime.leave())
 
     def _wait_ready(self) -> Deferred:
         """The model's readiness, as a Deferred of our own: cancelling it leaves the shared

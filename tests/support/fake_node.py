@@ -33,6 +33,8 @@ class FakeRuntime:
         self.spawns = 0
         self.started = 0
         self.finished = 0
+        self.admitted = 0
+        self.left = 0
         self.last_used: Optional[float] = None
         self._start = start
         self._address = None
@@ -70,6 +72,14 @@ class FakeRuntime:
 
     def request_started(self) -> None:
         self.started += 1
+
+    def admit(self) -> Deferred:
+        """No concurrency limit here: every request is admitted at once."""
+        self.admitted += 1
+        return succeed(None)
+
+    def leave(self) -> None:
+        self.left += 1
 
     def request_finished(self) -> None:
         self.finished += 1
