@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from twisted.internet import defer
@@ -98,6 +98,9 @@ class ModelRuntime:
         self._stop: Optional[_Shared] = None
         self._active = 0
         self._queue: deque[defer.Deferred] = deque()
+        self._next_model: Optional[Model] = None
+        self._applying = False
+        self.retiring = False
         self._stop_requested = False
 
     # -- requests ------------------------------------------------------------------------
@@ -112,6 +115,48 @@ class ModelRuntime:
         self.requests_served += 1
         self.last_used = self._clock.seconds()
         self.node.changed()
+        if self.in_flight == 0:
+            self._apply_when_idle()
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def reconfigure(self, model: Model) -> None:
+        """Take C{model} (a changed config of this id) once no request is in flight: the
+        backend is stopped and, if it was running, started again with the new settings."""
+        self._next_model = model
+        self._apply_when_idle()
+
+    def retire(self) -> None:
+        """The model left the config: stop it once no request is in flight, then forget it."""
+        self.retiring = True
+        self._apply_when_idle()
+
+    def _apply_when_idle(self) -> None:
+        if (self._next_model is None and not self.retiring) or self._applying:
+            return
+        if self.in_flight or self._start is not None:
+            return
+        self._applying = True
+        was_running = self.state == RUNNING
+        d = self.stop()
+
+        def applied(_):
+            self._applying = False
+            if self.retiring:
+                self.node.forget(self)
+                return
+            if self._next_model is not None:
+                self.model, self._next_model = self._next_model, None
+                self.history.reset()
+                if was_running or self.model.auto_start:
+                    self.ensure_running().addErrback(
+                        lambda f: self.log.warn("{model} did not restart after a reload: "
+                                                "{error}", model=self.model.id,
+                                                error=f.getErrorMessage()))
+
+        d.addCallback(applied)
+        d.addErrback(lambda f: self.log.failure("applying a reload to {model}", f,
+                                                model=self.model.id))
 
     def admit(self) -> defer.Deferred:
         """Fire when the request may be forwarded under C{max_concurrency}; fail with
@@ -198,6 +243,7 @@ class ModelRuntime:
                       model=self.model.id, port=self.model.port,
                       duration=self.last_start_duration, pid=self.backend.pid)
         self.backend.exited().addCallback(self._backend_exited, self.backend)
+        self._clock.callLater(0, self._apply_when_idle)
         return self.address
 
     async def _start_failed(self, error: Exception) -> None:
@@ -392,8 +438,12 @@ class Node:
         self.log_path = log_path
         self.changed = changed
         self._runtimes = {model.id: ModelRuntime(self, model) for model in config.models}
-        self._names = {name: self._runtimes[model.id]
-                       for model in config.models for name in model.names}
+        self._retired: list[ModelRuntime] = []
+        self._index()
+
+    def _index(self) -> None:
+        self._names = {name: runtime for runtime in self._runtimes.values()
+                       for name in (runtime._next_model or runtime.model).names}
 
     def lookup(self, name: str) -> Optional[ModelRuntime]:
         """The runtime of the model whose id or alias is C{name}."""
@@ -404,6 +454,53 @@ class Node:
         return list(self._runtimes.values())
 
     def stop_all(self) -> defer.Deferred:
-        """Stop every backend, concurrently; fire when all are gone."""
-        return defer.DeferredList([runtime.stop() for runtime in self.runtimes()],
-                                  consumeErrors=True)
+        """Stop every backend (retired models' included), concurrently; fire when all are gone."""
+        runtimes = self.runtimes() + self._retired
+        return defer.DeferredList([runtime.stop() for runtime in runtimes], consumeErrors=True)
+
+    def reload(self, config: Config) -> dict:
+        """Switch to C{config}: unchanged models keep running untouched, changed ones restart
+        once idle, removed ones stop once idle, new ones are added (and auto-started).
+
+        @return: model ids by outcome, and what of the C{program} section needs a restart.
+        """
+        old = self._runtimes
+        outcome = {"unchanged": [], "changed": [], "added": [], "removed": [],
+                   "restart_required": _program_changes(self.config.program, config.program)}
+        runtimes = {}
+        for model in config.models:
+            runtime = old.get(model.id)
+            if runtime is None:
+                runtime = ModelRuntime(self, model)
+                outcome["added"].append(model.id)
+            elif runtime.model == model and runtime._next_model is None:
+                outcome["unchanged"].append(model.id)
+            else:
+                outcome["changed"].append(model.id)
+            runtimes[model.id] = runtime
+        for model_id, runtime in old.items():
+            if model_id not in runtimes:
+                outcome["removed"].append(model_id)
+                self._retired.append(runtime)
+        self.config = replace(config, program=self.config.program)
+        self._runtimes = runtimes
+        for model_id in outcome["changed"]:
+            runtimes[model_id].reconfigure(config.resolve(model_id))
+        self._index()
+        for runtime in list(self._retired):
+            runtime.retire()
+        for model_id in outcome["added"]:
+            if runtimes[model_id].model.auto_start:
+                runtimes[model_id].ensure_running().addErrback(lambda f: None)
+        return outcome
+
+    def forget(self, runtime: ModelRuntime) -> None:
+        """A retired runtime has stopped: drop it."""
+        if runtime in self._retired:
+            self._retired.remove(runtime)
+
+
+def _program_changes(old, new) -> list[str]:
+    """The C{program} keys whose new values only take effect when the node restarts."""
+    return [f"program.{name}" for name in old.__dataclass_fields__
+            if getattr(old, name) != getattr(new, name)]

@@ -19,12 +19,14 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from llmnode.config import Config, Model
+from llmnode.errors import NodeError
 from llmnode.devices.loader import default_plugins
 from llmnode.devices.monitor import DeviceMonitor
 from llmnode.launcher import Backend, ModelLog, reclaim
 from llmnode.node import RUNNING, Node, backend_environment
 from llmnode.placement import Ledger, Placer, Resident
 from llmnode.sweeper import Sweeper
+from llmnode.web.api import reload_config
 from llmnode.web.common import bounded_request_factory, max_body_bytes
 from llmnode.web.root import build_root
 
@@ -106,6 +108,14 @@ class NodeService(MultiService):
                     lambda f, m=runtime.model.id: self.log.warn(
                         "auto_start of {model} failed: {error}", model=m,
                         error=f.getErrorMessage()))
+
+    def reload(self) -> Optional[dict]:
+        """Re-read the config file (SIGHUP); an invalid file is logged and changes nothing."""
+        try:
+            return reload_config(self.node)
+        except NodeError as e:
+            self.log.error("config reload rejected: {error}", error=e.message)
+            return None
 
     def _listen(self) -> None:
         if self._listening is None:

@@ -53,8 +53,15 @@ def makeService(options: Options):
 
     from llmnode.service import NodeService
 
+    service = NodeService(options.loaded, reactor, host=options["host"], port=options["port"])
     reactor.addSystemEventTrigger("after", "startup", _stop_cleanly_on_sigterm, reactor)
-    return NodeService(options.loaded, reactor, host=options["host"], port=options["port"])
+    reactor.addSystemEventTrigger("after", "startup", _reload_on_sighup, reactor, service)
+    return service
+
+
+def _reload_on_sighup(reactor, service) -> None:
+    """SIGHUP re-reads the config file, as daemons do."""
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(service.reload))
 
 
 def _stop_cleanly_on_sigterm(reactor) -> None:

@@ -315,3 +315,67 @@ class ConcurrencyTests(SynchronousTestCase):
         runtime = Harness().node.lookup("m")
         for _ in range(1000):
             self.successResultOf(runtime.admit())
+
+
+class ReloadTests(SynchronousTestCase):
+    def running_harness(self, *models):
+        h = Harness(list(models))
+        for runtime in h.node.runtimes():
+            runtime.ensure_running()
+        for backend in h.backends:
+            backend.started.callback(None)
+        h.clock.advance(0)
+        return h
+
+    def new_config(self, h, *models):
+        return Config(program=h.node.config.program, models=tuple(models))
+
+    def test_unchanged_model_keeps_its_backend(self):
+        h = self.running_harness(make_model("a", 1), make_model("b", 2))
+        outcome = h.node.reload(self.new_config(h, make_model("a", 1), make_model("b", 2)))
+        h.clock.advance(0)
+        self.assertEqual(outcome["unchanged"], ["a", "b"])
+        self.assertEqual([b.stopped for b in h.backends], [0, 0])
+        self.assertEqual(h.node.lookup("a").info()["pid"], 1000)
+
+    def test_changed_model_restarts_with_the_new_settings(self):
+        h = self.running_harness(make_model("a", 1))
+        outcome = h.node.reload(self.new_config(h, make_model("a", 1, aliases=("new",))))
+        self.assertEqual(outcome["changed"], ["a"])
+        self.assertEqual(h.backends[0].stopped, 1)
+        self.assertEqual(len(h.backends), 2, "started again because it was running")
+        h.backends[1].started.callback(None)
+        runtime = h.node.lookup("new")
+        self.assertEqual(runtime.model.aliases, ("new",))
+        self.assertEqual(runtime.state, RUNNING)
+
+    def test_changed_model_waits_for_its_requests(self):
+        h = self.running_harness(make_model("a", 1))
+        runtime = h.node.lookup("a")
+        runtime.request_started()
+        h.node.reload(self.new_config(h, make_model("a", 1, start_timeout=5)))
+        self.assertEqual(h.backends[0].stopped, 0, "never stopped mid-request")
+        runtime.request_finished()
+        self.assertEqual(h.backends[0].stopped, 1)
+        self.assertEqual(runtime.model.start_timeout, 5)
+
+    def test_removed_model_stops_and_is_forgotten(self):
+        h = self.running_harness(make_model("a", 1), make_model("b", 2))
+        outcome = h.node.reload(self.new_config(h, make_model("a", 1)))
+        self.assertEqual(outcome["removed"], ["b"])
+        self.assertIsNone(h.node.lookup("b"))
+        self.assertEqual(h.backends[1].stopped, 1)
+        self.assertEqual([r.model.id for r in h.node.runtimes()], ["a"])
+
+    def test_added_model_is_served(self):
+        h = self.running_harness(make_model("a", 1))
+        outcome = h.node.reload(self.new_config(h, make_model("a", 1), make_model("c", 3)))
+        self.assertEqual(outcome["added"], ["c"])
+        self.assertEqual(h.node.lookup("c").state, STOPPED)
+
+    def test_program_changes_are_reported_not_applied(self):
+        h = self.running_harness(make_model("a", 1))
+        config = Config(program=Program(port=9999), models=(make_model("a", 1),))
+        outcome = h.node.reload(config)
+        self.assertEqual(outcome["restart_required"], ["program.port"])
+        self.assertEqual(h.node.config.program.port, 8080)

@@ -7,7 +7,7 @@ import os
 from twisted.trial.unittest import TestCase
 
 from tests.support.nodes import (base_url, demo_model, free_port, get_json, http_client,
-                                 pids_alive, post_json, sleep, start_node)
+                                 pids_alive, post_json, start_node)
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hello"}]}
 

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 from twisted.application.service import IServiceMaker
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
-from twisted.internet.protocol import ProcessProtocol
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llmnode.tap import Options
-from tests.support.nodes import (PACKAGE_ROOT, demo_model, free_port, get_json, http_client,
-                                 pids_alive, post_json, sleep, write_config)
-
-_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
-
+from tests.support.nodes import (demo_model, free_port, http_client, pids_alive, post_json,
+                                 sleep, write_config)
+from tests.support.twistd import Twistd, TwistdMixin
 
 class PluginTests(SynchronousTestCase):
     def test_twistd_finds_the_plugin(self):
@@ -65,47 +59,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options.loaded.program.log_dir, "/tmp/llmnode-logs")
 
 
-class Twistd(ProcessProtocol):
-    def __init__(self):
-        self.output = b""
-        self.ended = Deferred()
-
-    def outReceived(self, data):
-        self.output = (self.output + data)[-200000:]
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        self.ended.callback(reason.value)
-
-
-class TwistdProcessTests(TestCase):
+class TwistdProcessTests(TwistdMixin, TestCase):
     timeout = 60
-
-    def spawn(self, config: str, port: int) -> Twistd:
-        process = Twistd()
-        env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT)
-        argv = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "llmnode",
-                "--config", config, "--port", str(port)]
-        transport = reactor.spawnProcess(process, sys.executable, argv, env=env,
-                                         path=os.path.dirname(config))
-        self.addCleanup(self.kill, transport, process)
-        return process
-
-    def kill(self, transport, process):
-        if not process.ended.called:
-            transport.signalProcess("KILL")
-        return process.ended
-
-    async def wait_healthy(self, http, url, process):
-        for _ in range(200):
-            if process.ended.called:
-                self.fail(f"twistd exited: {process.output[-3000:]!r}")
-            try:
-                return await get_json(http, url + "/api/health")
-            except Exception:
-                await sleep(0.05)
-        self.fail(f"twistd never answered: {process.output[-3000:]!r}")
 
     async def start_with_model(self):
         port = free_port()

@@ -14,7 +14,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmnode import __version__
-from llmnode.errors import ModelNotFound, NodeError
+from llmnode.config import ConfigError, load_config
+from llmnode.errors import BadRequest, ModelNotFound, NodeError
 from llmnode.node import STATES
 from llmnode.web.common import (ErrorResource, PendingResponse, method_not_allowed, render_error,
                                 render_json)
@@ -192,6 +193,33 @@ class ModelStop(_ModelLeaf):
         return d
 
 
+class ReloadResource(_JSONResource):
+    """C{POST /api/config/reload}: re-read the config file; an invalid one changes nothing."""
+
+    def __init__(self, api: "ApiResource"):
+        super().__init__()
+        self.api = api
+
+    def json_POST(self, request):
+        return 200, reload_config(self.api.node)
+
+
+def reload_config(node) -> dict:
+    """Re-read the node's config file and switch to it (see L{llmnode.node.Node.reload}).
+
+    @raise BadRequest: the file is unreadable or invalid; the old config stays in force.
+    """
+    path = node.config.path
+    try:
+        outcome = node.reload(load_config(path))
+    except ConfigError as e:
+        raise BadRequest(f"the new config is invalid; the old one stays in force:\n{e}")
+    except OSError as e:
+        raise BadRequest(f"cannot read {path}: {e.strerror or e}; the old config stays in force")
+    log.info("config reloaded from {path}: {outcome}", path=path, outcome=outcome)
+    return outcome
+
+
 class ApiResource(_Group):
     """The C{/api} tree.
 
@@ -207,3 +235,6 @@ class ApiResource(_Group):
         self.putChild(b"health", HealthResource(self))
         self.putChild(b"devices", DevicesResource(self))
         self.putChild(b"models", ModelsResource(self))
+        config = _Group()
+        config.putChild(b"reload", ReloadResource(self))
+        self.putChild(b"config", config)

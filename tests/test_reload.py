@@ -1,0 +1,102 @@
+"""Config reload on a live node: POST /api/config/reload and SIGHUP."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import yaml
+from twisted.trial.unittest import TestCase
+
+from tests.support.nodes import (base_url, demo_model, free_port, get_json, http_client,
+                                 pids_alive, post_json, sleep, start_node, write_config)
+from tests.support.twistd import TwistdMixin
+
+
+def rewrite(path, update):
+    with open(path) as f:
+        document = yaml.safe_load(f)
+    update(document)
+    with open(path, "w") as f:
+        yaml.safe_dump(document, f)
+
+
+class ReloadTests(TestCase):
+    timeout = 60
+
+    async def test_reload_keeps_unchanged_models_and_applies_the_rest(self):
+        models = {"keep": demo_model(free_port()), "change": demo_model(free_port()),
+                  "drop": demo_model(free_port())}
+        service = await start_node(self, models)
+        http = http_client(self)
+        url = base_url(service)
+        pids = {}
+        for name in models:
+            _, info, _ = await post_json(http, url + f"/api/models/{name}/start", {})
+            pids[name] = info["pid"]
+
+        def update(document):
+            local = document["Local-Models"]
+            local["change"]["aliases"] = ["changed-alias"]
+            del local["drop"]
+            local["new"] = demo_model(free_port())
+        rewrite(service.config.path, update)
+
+        status, outcome, _ = await post_json(http, url + "/api/config/reload", {})
+        self.assertEqual(status, 200, outcome)
+        self.assertEqual(outcome["unchanged"], ["keep"])
+        self.assertEqual(outcome["changed"], ["change"])
+        self.assertEqual(outcome["removed"], ["drop"])
+        self.assertEqual(outcome["added"], ["new"])
+        _, info = await get_json(http, url + "/api/models/keep/info")
+        self.assertEqual(info["pid"], pids["keep"], "an unchanged model keeps its process")
+        for _ in range(100):
+            _, info = await get_json(http, url + "/api/models/changed-alias/info")
+            if info["state"] == "running" and info["pid"] != pids["change"]:
+                break
+            await sleep(0.05)
+        self.assertEqual(info["state"], "running")
+        self.assertNotEqual(info["pid"], pids["change"], "a changed model restarts")
+        self.assertEqual(pids_alive([pids["drop"], pids["change"]]), [])
+        response = await http.get(url + "/api/models/drop/info")
+        self.assertEqual(response.code, 404)
+        status, body, _ = await post_json(http, url + "/v1/chat/completions", {
+            "model": "new", "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(status, 200)
+
+    async def test_an_invalid_file_is_rejected_and_the_old_config_stays(self):
+        service = await start_node(self, {"chat": demo_model(free_port())})
+        http = http_client(self)
+        url = base_url(service)
+        _, info, _ = await post_json(http, url + "/api/models/chat/start", {})
+        rewrite(service.config.path,
+                lambda d: d["Local-Models"]["chat"].update(mode="Chatter", port=0))
+        status, body, _ = await post_json(http, url + "/api/config/reload", {})
+        self.assertEqual(status, 400)
+        self.assertIn("Local-Models.chat.mode", body["error"]["message"])
+        self.assertIn("Local-Models.chat.port", body["error"]["message"])
+        status, body, _ = await post_json(http, url + "/v1/chat/completions", {
+            "model": "chat", "messages": [{"role": "user", "content": "still here"}]})
+        self.assertEqual(status, 200)
+        _, after = await get_json(http, url + "/api/models/chat/info")
+        self.assertEqual(after["pid"], info["pid"])
+
+
+class SighupTests(TwistdMixin, TestCase):
+    timeout = 60
+
+    async def test_sighup_reloads_the_config(self):
+        port = free_port()
+        config = write_config(self, {"a": demo_model(free_port())})
+        process = self.spawn(config, port)
+        http = http_client(self)
+        url = f"http://127.0.0.1:{port}"
+        await self.wait_healthy(http, url, process)
+        rewrite(config, lambda d: d["Local-Models"].update(b=demo_model(free_port())))
+        os.kill(process.transport.pid, signal.SIGHUP)
+        for _ in range(100):
+            status, body = await get_json(http, url + "/api/models")
+            if len(body["models"]) == 2:
+                break
+            await sleep(0.05)
+        self.assertEqual([m["id"] for m in body["models"]], ["a", "b"])
