@@ -207,10 +207,12 @@ PROGRAM_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
                                  "memory before a 503 (0 = fail at once)"),
     "shutdown_timeout": KeyDoc(30, "seconds the node drains in-flight requests when "
                                    "stopping"),
-    "api_keys": KeyDoc([], "bearer keys accepted on /v1 and read-only /api; empty = "
-                           "no authentication; ${env:NAME} allowed"),
-    "admin_api_keys": KeyDoc([], "bearer keys for /api actions that start or stop "
-                                 "models; ${env:NAME} allowed"),
+    "api_keys": KeyDoc([], "keys required as 'Authorization: Bearer KEY' on /v1 and "
+                           "/rerank, and on /api and /metrics too while admin_api_keys is "
+                           "empty; none = no key needed; ${env:NAME} allowed"),
+    "admin_api_keys": KeyDoc([], "keys required as 'Authorization: Bearer KEY' on /api and "
+                                 "/metrics (not on /v1); empty = api_keys apply there; "
+                                 "${env:NAME} allowed"),
     "open_health": KeyDoc(True, "serve the health endpoint without a key"),
     "metrics_auth": KeyDoc(True, "require a key for the metrics endpoint"),
 })

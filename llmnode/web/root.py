@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from twisted.web.resource import Resource
 
 from llmnode.web.api import ApiResource
+from llmnode.web.auth import Guard
 from llmnode.web.common import ErrorResource
 from llmnode.web.proxy import mount
 
 
 class Root(Resource):
-    """Unknown paths, and C{/} itself, answer an OpenAI-shaped 404."""
+    """Unknown paths, and C{/} itself, answer an OpenAI-shaped 404.
+
+    With a L{Guard}, every child is reached only past its key check (a 401 otherwise), so a
+    child added later (C{/metrics}) is protected like the rest.
+    """
+
+    def __init__(self, guard: Optional[Guard] = None):
+        super().__init__()
+        self.guard = guard
+
+    def getChildWithDefault(self, path, request):
+        if self.guard is not None:
+            denied = self.guard.check(path, request)
+            if denied is not None:
+                return denied
+        return super().getChildWithDefault(path, request)
 
     def getChild(self, path, request):
         return ErrorResource()
@@ -22,8 +38,8 @@ class Root(Resource):
 
 
 def build_root(node, http, clock, program, *, devices: Callable[[], list]) -> Root:
-    """The whole tree for one node."""
-    root = Root()
+    """The whole tree for one node, behind the keys of C{program}."""
+    root = Root(Guard(program))
     mount(root, node, http, clock, program)
     root.putChild(b"api", ApiResource(node, clock, devices=devices))
     return root

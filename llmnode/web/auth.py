@@ -1,0 +1,152 @@
+"""Bearer-key authentication for the node's resource tree.
+
+C{/v1} and C{/rerank} take C{program.api_keys}; C{/api}, C{/metrics} and any other path take
+C{program.admin_api_keys}, or C{program.api_keys} when no admin key is configured. An empty key
+set means no authentication on those paths. C{/api/health} stays open with
+C{program.open_health}, C{/metrics} with C{metrics_auth: false}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from dataclasses import dataclass
+from typing import Optional
+
+from twisted.web.resource import Resource
+
+from llmnode.errors import Unauthorized
+from llmnode.web.common import render_error
+
+#: First path segments that take the client keys (C{api_keys}); all others take admin keys.
+CLIENT_SEGMENTS = frozenset({b"v1", b"rerank"})
+
+_HEALTH_PATHS = ([b"health"], [b"health", b""])
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """Accepted keys, kept as SHA-256 digests so every comparison has the same length."""
+
+    digests: tuple[bytes, ...]
+
+    @classmethod
+    def of(cls, keys) -> "KeySet":
+        return cls(tuple(_digest(key.encode("utf-8")) for key in keys))
+
+    def __bool__(self) -> bool:
+        return bool(self.digests)
+
+    def accepts(self, token: bytes) -> bool:
+        """Whether C{token} is one of the keys; compares against every key, whatever matches."""
+        offered = _digest(token)
+        found = False
+        for digest in self.digests:
+            found |= hmac.compare_digest(offered, digest)
+        return found
+
+
+def bearer_token(request) -> Optional[bytes]:
+    """The token of an C{Authorization: Bearer TOKEN} header, or None."""
+    value = request.getHeader(b"Authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    return token
+
+
+class Guard:
+    """Decides, from a request's first path segment, which keys it needs and whether it has one.
+
+    @param program: the L{llmnode.config.Program} with the key settings.
+    """
+
+    def __init__(self, program):
+        self.client = KeySet.of(program.api_keys)
+        self.admin = KeySet.of(program.admin_api_keys) or self.client
+        self.open_health = program.open_health
+        self.metrics_auth = program.metrics_auth
+
+    def keys_for(self, segment: bytes, rest: list) -> Optional[KeySet]:
+        """The keys that open C{/segment/rest...}, or None when the path is open."""
+        if segment in CLIENT_SEGMENTS:
+            keys = self.client
+        elif segment == b"api" and self.open_health and rest in _HEALTH_PATHS:
+            return None
+        elif segment == b"metrics" and not self.metrics_auth:
+            return None
+        else:
+            keys = self.admin
+        return keys or None
+
+    def check(self, segment: bytes, request) -> Optional[Resource]:
+        """None when the request may go on, else the resource answering its 401.
+
+        An accepted C{Authorization} header is removed: the node's key is not the backend's.
+        """
+        keys = self.keys_for(segment, request.postpath)
+        if keys is None:
+            return None
+        token = bearer_token(request)
+        if token is not None and keys.accepts(token):
+            request.requestHeaders.removeHeader(b"Authorization")
+            return None
+        return UnauthorizedResource(missing=token is None)
+
+
+class UnauthorizedResource(Resource):
+    """An OpenAI-shaped 401 with a C{WWW-Authenticate: Bearer} challenge."""
+
+    isLeaf = True
+
+    def __init__(self, missing: bool):
+        super().__init__()
+        self.missing = missing
+
+    def render(self, request):
+        if self.missing:
+            challenge = b'Bearer realm="llmnode"'
+            message = "missing API key: send it as 'Authorization: Bearer KEY'"
+        else:
+            challenge = b'Bearer realm="llmnode", error="invalid_token"'
+            message = "invalid API key"
+        request.setHeader(b"WWW-Authenticate", challenge)
+        return render_error(request, Unauthorized(message))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on C{host} is reachable from this machine only."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def open_paths_warning(host: str, program) -> Optional[str]:
+    """What a node on C{host} serves to anyone without a key, as a warning; None if nothing."""
+    if is_loopback(host):
+        return None
+    if not program.api_keys and not program.admin_api_keys:
+        return (f"llmnode listens on {host} without API keys: anyone who can reach it may use "
+                f"/v1 and start or stop models via /api; set program.api_keys")
+    if not program.api_keys:
+        return (f"llmnode listens on {host} without program.api_keys: anyone who can reach it "
+                f"may use /v1")
+    return None
+
+
+def warn_if_open(host: str, program, log) -> None:
+    """Log a warning when a non-loopback node serves any path without a key."""
+    warning = open_paths_warning(host, program)
+    if warning is not None:
+        log.warn("{warning}", warning=warning)
