@@ -1,4 +1,5 @@
-"""Helpers shared by the web resources: JSON answers, OpenAI-shaped errors, bounded bodies."""
+"""Helpers shared by the web resources: JSON answers, OpenAI-shaped errors, bounded bodies,
+and the HTTP channel that bounds request heads and slow clients."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
 from llmnode.errors import BadRequest, BodyTooLarge, MethodNotAllowed, NodeError, NotFound
@@ -217,3 +219,119 @@ class ErrorResource(Resource):
     def render(self, request):
         error = self._error or NotFound(f"no such endpoint: {_path(request)}")
         return render_error(request, error)
+
+
+#: Bytes a request line plus its headers may take (twisted.web's own default).
+MAX_HEAD_BYTES = 16384
+
+#: Seconds a connection may stay silent (keep-alive included), and the most a client may take to
+#: send a request line and its headers.
+IDLE_TIMEOUT = 60.0
+
+
+class HeadTooLarge(NodeError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
+
+
+class RequestLineTooLong(NodeError):
+    status = 414
+    type = "invalid_request_error"
+    code = "request_line_too_long"
+
+
+class HeadTimeout(NodeError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+_REASONS = {408: b"Request Timeout", 414: b"URI Too Long",
+            431: b"Request Header Fields Too Large"}
+
+
+class NodeChannel(HTTPChannel):
+    """An HTTP channel whose refusals of a request head are OpenAI-shaped JSON.
+
+    A request line or header block over C{head_limit} bytes gets a 414 or 431 (twisted.web
+    itself answers a bare 400 or just closes). A client that takes longer than C{head_timeout}
+    seconds to send a request line and headers gets a 408, however it trickles its bytes (the
+    Site's idle timeout only catches a silent one). Each refusal closes the connection.
+    """
+
+    head_limit = MAX_HEAD_BYTES
+    head_timeout: Optional[float] = IDLE_TIMEOUT
+    MAX_LENGTH = MAX_HEAD_BYTES
+    totalHeadersSize = MAX_HEAD_BYTES + 1024
+
+    _head_bytes = 0
+    _head_deadline = None
+    _refused = False
+
+    def lineReceived(self, line):
+        if self._refused:
+            return
+        if self._head_bytes == 0 and self.head_timeout is not None:
+            self._head_deadline = self.callLater(self.head_timeout, self._head_too_slow)
+        first = self._head_bytes == 0
+        self._head_bytes += len(line) + 2
+        if self._head_bytes > self.head_limit:
+            self._refuse_head(first)
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line):
+        self._refuse_head(self._head_bytes == 0)
+
+    def allHeadersReceived(self):
+        self._head_bytes = 0
+        self._cancel_deadline()
+        super().allHeadersReceived()
+
+    def connectionLost(self, reason):
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_deadline(self) -> None:
+        deadline, self._head_deadline = self._head_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _refuse_head(self, request_line: bool) -> None:
+        if request_line:
+            self.refuse(RequestLineTooLong(
+                f"request line is longer than {self.head_limit} bytes"))
+        else:
+            self.refuse(HeadTooLarge(
+                f"request line and headers are larger than {self.head_limit} bytes"))
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        self.refuse(HeadTimeout(
+            f"request line and headers not received within {self.head_timeout:g} s"))
+
+    def refuse(self, error: NodeError) -> None:
+        """Answer C{error} as JSON outside any request and close the connection."""
+        if self._refused:
+            return
+        self._refused = True
+        self._cancel_deadline()
+        body = error.body()
+        reason = _REASONS.get(error.status, b"Error")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (error.status, reason, len(body), body))
+        self.loseConnection()
+
+
+def harden_site(site, *, idle_timeout: float = IDLE_TIMEOUT,
+                head_timeout: Optional[float] = None) -> None:
+    """Make C{site} drop idle connections after C{idle_timeout} s and use L{NodeChannel}.
+
+    @param head_timeout: seconds allowed for a request line and headers; default
+        C{idle_timeout}.
+    """
+    site.timeOut = idle_timeout
+    limit = idle_timeout if head_timeout is None else head_timeout
+    site.protocol = type("NodeChannel", (NodeChannel,), {"head_timeout": limit})
