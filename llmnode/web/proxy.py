@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+from treq import content as treq_content
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -115,13 +116,13 @@ class ProxyEndpoint(Resource):
         if request.method != b"POST":
             return method_not_allowed(request, ("POST",))
         try:
-            runtime, body = self._forwarder.route(request, self._endpoint)
+            runtime, body, streaming = self._forwarder.route(request, self._endpoint)
         except NodeError as e:
             return render_error(request, e)
         except Exception:
             log.failure("routing a {endpoint} request failed", endpoint=self._endpoint)
             return render_error(request, NodeError("internal error in the proxy"))
-        self._forwarder.forward(request, runtime, body)
+        self._forwarder.forward(request, runtime, body, streaming)
         return NOT_DONE_YET
 
 
@@ -158,15 +159,21 @@ class Forwarder:
         if model.upstream_model is not None:
             body["model"] = model.upstream_model
             raw = json.dumps(body).encode("utf-8")
-        return runtime, raw
+        return runtime, raw, body.get("stream") is True
 
-    def forward(self, request, runtime, body: bytes) -> None:
-        """Count the request in flight (until its response ends) and start forwarding it."""
+    def forward(self, request, runtime, body: bytes, streaming: bool = False) -> None:
+        """Count the request in flight (until its response ends) and start forwarding it.
+
+        @param streaming: the client asked for a stream; while it waits for a cold start it
+            gets SSE comments, so that it and any proxy in between keep the connection open.
+        """
         runtime.request_started()
         finished = request.notifyFinish()
         pending = PendingResponse(request)
         finished.addBoth(_release, runtime)
-        Exchange(pending, runtime, body, self._http, self._clock, self._program).start()
+        exchange = Exchange(pending, runtime, body, self._http, self._clock, self._program)
+        exchange.streaming = streaming
+        exchange.start()
 
 
 def _release(_, runtime) -> None:
@@ -190,6 +197,8 @@ class Exchange:
         self._sending = False
         self._header_timer: Optional[IDelayedCall] = None
         self._work: Optional[Deferred] = None
+        self.streaming = False
+        self._loading: Optional[LoadingComments] = None
 
     def start(self) -> None:
         self._pending.on_gone(self._client_gone)
@@ -211,6 +220,8 @@ class Exchange:
             self._work.cancel()
 
     async def _run(self) -> None:
+        if self.streaming and self._runtime.state != "running":
+            self._loading = LoadingComments(self._pending, self._clock, self._runtime.model.id)
         try:
             await self._admit()
             host, port = await self._wait_ready()
@@ -218,12 +229,21 @@ class Exchange:
         except Exception as e:
             if not self._pending.open:
                 return
-            self._pending.send_error(self._as_node_error(e))
+            error = self._as_node_error(e)
+            if self._loading is not None and self._loading.stop():
+                self._loading.send_error(error)
+            else:
+                self._pending.send_error(error)
             return
         if not self._pending.open:
             response.deliverBody(_Discard())
             return
-        StreamRelay(self._pending, self._clock, self._program.stream_idle_timeout).start(response)
+        headers_sent = self._loading is not None and self._loading.stop()
+        if headers_sent and response.code != 200:
+            self._loading.relay_error(response)
+            return
+        StreamRelay(self._pending, self._clock, self._program.stream_idle_timeout).start(
+            response, headers_sent=headers_sent)
 
     async def _admit(self) -> None:
         """Wait for a concurrency slot of the model (see C{max_concurrency}); it is given
@@ -296,3 +316,56 @@ class _Discard:
 
     def connectionLost(self, reason):
         pass
+
+
+class LoadingComments:
+    """While a streaming request waits for its model to start, send SSE comment lines
+    (C{: loading MODEL (N s)}) every second, so that clients and proxies in between don't
+    time out. Nothing is sent if the model is ready within the first second."""
+
+    interval = 1.0
+
+    def __init__(self, pending: PendingResponse, clock, model_id: str):
+        self._pending = pending
+        self._clock = clock
+        self._model_id = model_id
+        self._began = clock.seconds()
+        self.headers_sent = False
+        self._timer: Optional[IDelayedCall] = clock.callLater(self.interval, self._tick)
+        pending.on_gone(self.stop)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if not self._pending.open:
+            return
+        request = self._pending.request
+        if not self.headers_sent:
+            self.headers_sent = True
+            request.setResponseCode(200)
+            request.setHeader(b"Content-Type", b"text/event-stream")
+            request.setHeader(b"Cache-Control", b"no-cache")
+            request.setHeader(b"X-Accel-Buffering", b"no")
+        waited = self._clock.seconds() - self._began
+        request.write(f": loading {self._model_id} ({waited:.0f} s)\n\n".encode("utf-8"))
+        self._timer = self._clock.callLater(self.interval, self._tick)
+
+    def stop(self) -> bool:
+        """Stop the comments; whether the response headers were already sent."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        return self.headers_sent
+
+    def send_error(self, error: NodeError) -> None:
+        """End the already-started stream with an OpenAI-style error event."""
+        if self._pending.open:
+            self._pending.request.write(b"data: " + error.body() + b"\n\n")
+            self._pending.finish()
+
+    def relay_error(self, response) -> None:
+        """The backend answered an error after the stream began: pass it on as an event."""
+        d = treq_content(response)
+        d.addCallback(lambda body: self.send_error(BadGateway(
+            f"the backend of model {self._model_id!r} answered {response.code}: "
+            f"{body[:2000].decode('utf-8', 'replace')}")))
+        d.addErrback(lambda f: self._pending.cut())

@@ -69,17 +69,19 @@ class StreamRelay(Protocol):
         self._done = False
         self._registered = False
 
-    def start(self, response) -> None:
-        """Send C{response}'s status and headers to the client, then relay its body."""
+    def start(self, response, headers_sent: bool = False) -> None:
+        """Send C{response}'s status and headers to the client (unless C{headers_sent}
+        already), then relay its body."""
         request = self._pending.request
-        request.setResponseCode(response.code, response.phrase)
-        headers = end_to_end(response.headers, frozenset({b"content-length"}))
-        for name, values in headers.getAllRawHeaders():
-            request.responseHeaders.setRawHeaders(name, list(values))
-        if response.length is not UNKNOWN_LENGTH:
-            request.setHeader(b"Content-Length", b"%d" % response.length)
-        if is_event_stream(response.headers):
-            request.setHeader(b"X-Accel-Buffering", b"no")
+        if not headers_sent:
+            request.setResponseCode(response.code, response.phrase)
+            headers = end_to_end(response.headers, frozenset({b"content-length"}))
+            for name, values in headers.getAllRawHeaders():
+                request.responseHeaders.setRawHeaders(name, list(values))
+            if response.length is not UNKNOWN_LENGTH:
+                request.setHeader(b"Content-Length", b"%d" % response.length)
+            if is_event_stream(response.headers):
+                request.setHeader(b"X-Accel-Buffering", b"no")
         set_no_delay = getattr(getattr(request, "transport", None), "setTcpNoDelay", None)
         if set_no_delay is not None:
             try:
@@ -121,7 +123,7 @@ class StreamRelay(Protocol):
             else:
                 log.info("backend response ended in error: {why}",
                          why=str(reason.value)[:300])
-                self._pending.cut()
+                self._pending.finish()
         self._report(None if clean else reason)
 
     def _report(self, result) -> None:
