@@ -9,9 +9,12 @@ import os
 import signal
 from dataclasses import replace
 
+from twisted.application.service import MultiService
 from twisted.python import usage
+from twisted.python.logfile import LogFile
 
 from llmnode.config import ConfigError, load_config
+from llmnode.logs import customised, install_observer, twistd_log_stream
 
 
 class Options(usage.Options):
@@ -47,21 +50,48 @@ class Options(usage.Options):
             self.loaded = replace(self.loaded, program=program)
 
 
-def makeService(options: Options):
+class TwistdNode(MultiService):
+    """What twistd runs: the node, and (when the config asks for JSON lines or another level)
+    the node's log observer, installed on twistd's application before twistd starts logging.
+
+    @param log_stream: where that observer writes; None leaves twistd's own log in place.
+    """
+
+    def __init__(self, node, program, log_stream=None):
+        super().__init__()
+        self.node = node
+        self._program = program
+        self._log_stream = log_stream
+        node.setServiceParent(self)
+
+    def setServiceParent(self, parent):
+        if self._log_stream is not None:
+            install_observer(parent, self._program, self._log_stream)
+        super().setServiceParent(parent)
+
+
+def makeService(options: Options) -> TwistdNode:
     """Build (but do not start) the node service for parsed C{options}."""
     from twisted.internet import reactor
 
     from llmnode.service import NodeService
 
-    service = NodeService(options.loaded, reactor, host=options["host"], port=options["port"])
     reactor.addSystemEventTrigger("after", "startup", _stop_cleanly_on_sigterm, reactor)
-    reactor.addSystemEventTrigger("after", "startup", _reload_on_sighup, reactor, service)
-    return service
+    program = options.loaded.program
+    node = NodeService(options.loaded, reactor, host=options["host"], port=options["port"])
+    stream = None
+    if customised(program):
+        stream = twistd_log_stream(getattr(options, "parent", None))
+        if isinstance(stream, LogFile):
+            _rotate_on_sigusr1(reactor, stream)
+    return TwistdNode(node, program, stream)
 
 
-def _reload_on_sighup(reactor, service) -> None:
-    """SIGHUP re-reads the config file, as daemons do."""
-    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(service.reload))
+def _rotate_on_sigusr1(reactor, log_file: LogFile) -> None:
+    """Rotate C{log_file} on SIGUSR1, as twistd does for the log file it opens itself."""
+    if not signal.getsignal(signal.SIGUSR1):
+        signal.signal(signal.SIGUSR1,
+                      lambda signum, frame: reactor.callFromThread(log_file.rotate))
 
 
 def _stop_cleanly_on_sigterm(reactor) -> None:

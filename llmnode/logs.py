@@ -1,0 +1,97 @@
+"""The node's own log: twisted's plain text lines or one JSON object per line, filtered by level.
+
+Under twistd the observer is installed as the application's C{ILogObserver} component, which
+twistd's log setup uses instead of its own; L{twistd_log_stream} picks the same destination
+twistd would have (C{--logfile}, or stdout with C{-n}).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from typing import IO, Optional
+
+from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel,
+                            LogLevelFilterPredicate, eventAsText, textFileLogObserver)
+from twisted.python.logfile import LogFile
+from zope.interface import implementer
+
+#: Config level names (C{program.log_level}) -> twisted log levels.
+LEVELS = {
+    "DEBUG": LogLevel.debug,
+    "INFO": LogLevel.info,
+    "WARNING": LogLevel.warn,
+    "ERROR": LogLevel.error,
+    "CRITICAL": LogLevel.critical,
+}
+_LEVEL_NAMES = {level: name for name, level in LEVELS.items()}
+
+#: Longest C{text} of one JSON line, in characters (tracebacks included).
+MAX_TEXT = 32768
+
+
+def json_record(event: dict) -> dict:
+    """The JSON object for one log event: C{time}, C{level}, C{namespace}, C{text}."""
+    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    if len(text) > MAX_TEXT:
+        text = f"{text[:MAX_TEXT]}…[truncated {len(text) - MAX_TEXT} characters]"
+    when = event.get("log_time")
+    stamp = (datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds")
+             if isinstance(when, (int, float)) else None)
+    return {"time": stamp, "level": _LEVEL_NAMES.get(event.get("log_level"), "INFO"),
+            "namespace": event.get("log_namespace") or "", "text": text}
+
+
+@implementer(ILogObserver)
+class JSONLineObserver:
+    """Writes each event to C{stream} as one JSON object and a newline."""
+
+    def __init__(self, stream: IO[str]):
+        self._stream = stream
+
+    def __call__(self, event: dict) -> None:
+        try:
+            line = json.dumps(json_record(event), ensure_ascii=False, default=str)
+        except Exception as e:
+            line = json.dumps({"time": None, "level": "ERROR", "namespace": __name__,
+                               "text": f"unformattable log event: {str(e)[:200]}"})
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+
+def make_observer(program, stream: IO[str]) -> ILogObserver:
+    """The node's observer for C{program.log_format} and C{program.log_level}, on C{stream}."""
+    if program.log_format == "json":
+        observer = JSONLineObserver(stream)
+    else:
+        observer = textFileLogObserver(stream)
+    return FilteringLogObserver(observer, [LogLevelFilterPredicate(LEVELS[program.log_level])])
+
+
+def customised(program) -> bool:
+    """Whether C{program} asks for anything but twistd's own log (plain text, INFO)."""
+    return program.log_format != "text" or program.log_level != "INFO"
+
+
+def twistd_log_stream(server_options) -> Optional[IO[str]]:
+    """Where twistd would log given its parsed C{ServerOptions}; None where twistd must choose.
+
+    C{--logfile PATH} -> that file (rotated like twistd's), C{-n} without it -> stdout, a daemon
+    without it -> C{twistd.log}. None for C{--syslog}, a custom C{--logger}, and C{--logfile -}
+    without C{-n} (twistd refuses that itself).
+    """
+    if server_options is None:
+        return None
+    if server_options.get("syslog") or server_options.get("logger"):
+        return None
+    path = server_options.get("logfile") or ""
+    nodaemon = bool(server_options.get("nodaemon"))
+    if path == "-" or (not path and nodaemon):
+        return sys.stdout if nodaemon else None
+    return LogFile.fromFullPath(path or "twistd.log")
+
+
+def install_observer(application, program, stream: IO[str]) -> None:
+    """Make twistd log through the node's observer (set before twistd starts logging)."""
+    application.setComponent(ILogObserver, make_observer(program, stream))
