@@ -123,7 +123,7 @@ class StreamRelay(Protocol):
             else:
                 log.info("backend response ended in error: {why}",
                          why=str(reason.value)[:300])
-                self._pending.finish()
+                self._pending.cut()
         self._report(None if clean else reason)
 
     def _report(self, result) -> None:
