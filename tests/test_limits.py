@@ -37,15 +37,27 @@ def split_response(data: bytes) -> tuple[int, dict, bytes]:
     return int(lines[0].split()[1]), headers, body
 
 
+class HalfClosingTransport(StringTransport):
+    write_closed = False
+    aborted = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+    def abortConnection(self):
+        self.aborted = True
+        super().abortConnection()
+
+
 class ChannelTests(SynchronousTestCase):
     """The channel on an in-memory transport, timed by a Clock."""
 
-    def connect(self, **options):
+    def connect(self, transport=None, **options):
         self.clock = Clock()
         site = Site(Hello(), reactor=self.clock)
         harden_site(site, **options)
         channel = site.buildProtocol(None)
-        transport = StringTransport()
+        transport = transport or StringTransport()
         channel.makeConnection(transport)
         self.addCleanup(channel.connectionLost, None)
         return channel, transport
@@ -78,6 +90,19 @@ class ChannelTests(SynchronousTestCase):
         channel.dataReceived(b"GET / HTTP/1.1\r\nX-Big: " + b"b" * (MAX_HEAD_BYTES + 10))
         status, _ = self.refusal(transport)
         self.assertEqual(status, 431)
+
+    def test_after_a_refusal_input_is_dropped_then_the_connection_aborted(self):
+        transport = HalfClosingTransport()
+        channel, _ = self.connect(transport)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nX-Big: " + b"b" * (MAX_HEAD_BYTES + 10))
+        self.assertTrue(transport.write_closed)
+        self.assertFalse(transport.disconnecting)
+        answered = transport.value()
+        channel.dataReceived(b"b" * 100000 + b"\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(transport.value(), answered)
+        self.assertEqual(split_response(answered)[0], 431)
+        self.clock.advance(channel.linger_timeout)
+        self.assertTrue(transport.aborted)
 
     def test_a_huge_request_line_gets_414(self):
         channel, transport = self.connect()
@@ -178,7 +203,7 @@ class LiveLimitTests(TestCase):
         harden_site(self.service.site)
         client = await self.raw()
         client.transport.write(b"GET /api/health HTTP/1.1\r\nHost: x\r\nCookie: "
-                               + b"c" * 40000 + b"\r\n\r\n")
+                               + b"c" * (4 * 1024 * 1024) + b"\r\n\r\n")
         status, headers, body = split_response(await client.closed)
         self.assertEqual(status, 431)
         self.assertEqual(json.loads(body)["error"]["code"], "request_headers_too_large")

@@ -257,7 +257,8 @@ class NodeChannel(HTTPChannel):
     A request line or header block over C{head_limit} bytes gets a 414 or 431 (twisted.web
     itself answers a bare 400 or just closes). A client that takes longer than C{head_timeout}
     seconds to send a request line and headers gets a 408, however it trickles its bytes (the
-    Site's idle timeout only catches a silent one). Each refusal closes the connection.
+    Site's idle timeout only catches a silent one). Each refusal ends the connection; what the
+    client still sends is read and dropped for up to C{linger_timeout} seconds first.
     """
 
     head_limit = MAX_HEAD_BYTES
@@ -265,8 +266,12 @@ class NodeChannel(HTTPChannel):
     MAX_LENGTH = MAX_HEAD_BYTES
     totalHeadersSize = MAX_HEAD_BYTES + 1024
 
+    #: Seconds a refused client may go on sending before the connection is aborted.
+    linger_timeout = 2.0
+
     _head_bytes = 0
     _head_deadline = None
+    _linger = None
     _refused = False
 
     def lineReceived(self, line):
@@ -289,8 +294,15 @@ class NodeChannel(HTTPChannel):
         self._cancel_deadline()
         super().allHeadersReceived()
 
+    def rawDataReceived(self, data):
+        if not self._refused:
+            super().rawDataReceived(data)
+
     def connectionLost(self, reason):
         self._cancel_deadline()
+        linger, self._linger = self._linger, None
+        if linger is not None and linger.active():
+            linger.cancel()
         super().connectionLost(reason)
 
     def _cancel_deadline(self) -> None:
@@ -322,7 +334,15 @@ class NodeChannel(HTTPChannel):
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n%s" % (error.status, reason, len(body), body))
-        self.loseConnection()
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.loseConnection()
+            return
+        # Closing at once with unread input would reset the connection and could destroy the
+        # answer before the client reads it: end the answer, then read and drop what the
+        # client still sends, for a while.
+        half_close()
+        self._linger = self.callLater(self.linger_timeout, self.transport.abortConnection)
 
 
 def harden_site(site, *, idle_timeout: float = IDLE_TIMEOUT,
