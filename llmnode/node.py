@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
@@ -93,6 +93,9 @@ class ModelRuntime:
         self.last_start_duration: Optional[float] = None
         self.last_error: Optional[str] = None
         self.last_error_at: Optional[float] = None
+        self.evictions = 0
+        self.responses: Counter = Counter()
+        self.start_durations: deque[float] = deque(maxlen=10_000)
         self.history = CrashHistory(self._clock, node.crash_policy)
         self._start: Optional[_Shared] = None
         self._stop: Optional[_Shared] = None
@@ -109,10 +112,17 @@ class ModelRuntime:
         """A request for this model arrived; it counts as in flight until L{request_finished}."""
         self.in_flight += 1
 
-    def request_finished(self) -> None:
-        """A request ended (answered, failed or abandoned): the idle clock starts now."""
+    def request_finished(self, endpoint: Optional[str] = None,
+                         status: Optional[int] = None) -> None:
+        """A request ended (answered, failed or abandoned): the idle clock starts now.
+
+        @param endpoint: which endpoint it was for, and C{status} its HTTP status (499 when
+            the client left first), for the request counters.
+        """
         self.in_flight = max(0, self.in_flight - 1)
         self.requests_served += 1
+        if endpoint is not None:
+            self.responses[(endpoint, status)] += 1
         self.last_used = self._clock.seconds()
         self.node.changed()
         if self.in_flight == 0:
@@ -239,6 +249,7 @@ class ModelRuntime:
         self.state = RUNNING
         self.started_at = self.last_used = self._clock.seconds()
         self.last_start_duration = self.started_at - began
+        self.start_durations.append(self.last_start_duration)
         self.log.info("{model} ready on port {port} in {duration:.2f} s (pid {pid})",
                       model=self.model.id, port=self.model.port,
                       duration=self.last_start_duration, pid=self.backend.pid)

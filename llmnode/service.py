@@ -163,7 +163,9 @@ class NodeService(MultiService):
                 for r in self.node.runtimes() if self.ledger.of(r.model.id)]
 
     async def _stop_model(self, model_id: str) -> None:
-        await self.node.lookup(model_id).stop()
+        runtime = self.node.lookup(model_id)
+        runtime.evictions += 1
+        await runtime.stop()
 
     def _release(self, runtime) -> None:
         self.ledger.release(runtime.model.id)

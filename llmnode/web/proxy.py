@@ -122,7 +122,7 @@ class ProxyEndpoint(Resource):
         except Exception:
             log.failure("routing a {endpoint} request failed", endpoint=self._endpoint)
             return render_error(request, NodeError("internal error in the proxy"))
-        self._forwarder.forward(request, runtime, body, streaming)
+        self._forwarder.forward(request, runtime, body, streaming, self._endpoint)
         return NOT_DONE_YET
 
 
@@ -161,7 +161,8 @@ class Forwarder:
             raw = json.dumps(body).encode("utf-8")
         return runtime, raw, body.get("stream") is True
 
-    def forward(self, request, runtime, body: bytes, streaming: bool = False) -> None:
+    def forward(self, request, runtime, body: bytes, streaming: bool = False,
+                endpoint: Optional[str] = None) -> None:
         """Count the request in flight (until its response ends) and start forwarding it.
 
         @param streaming: the client asked for a stream; while it waits for a cold start it
@@ -170,15 +171,16 @@ class Forwarder:
         runtime.request_started()
         finished = request.notifyFinish()
         pending = PendingResponse(request)
-        finished.addBoth(_release, runtime)
+        finished.addBoth(_release, runtime, request, endpoint)
         exchange = Exchange(pending, runtime, body, self._http, self._clock, self._program)
         exchange.streaming = streaming
         exchange.start()
 
 
-def _release(_, runtime) -> None:
+def _release(result, runtime, request, endpoint) -> None:
+    status = request.code if result is None else 499
     try:
-        runtime.request_finished()
+        runtime.request_finished(endpoint, status)
     except Exception:
         log.failure("request_finished failed for {model}", model=runtime.model.id)
 

@@ -9,6 +9,7 @@ from twisted.web.resource import Resource
 from llmnode.web.api import ApiResource
 from llmnode.web.auth import Guard
 from llmnode.web.common import ErrorResource
+from llmnode.web.metrics import MetricsResource
 from llmnode.web.proxy import mount
 
 
@@ -42,4 +43,5 @@ def build_root(node, http, clock, program, *, devices: Callable[[], list]) -> Ro
     root = Root(Guard(program))
     mount(root, node, http, clock, program)
     root.putChild(b"api", ApiResource(node, clock, devices=devices))
+    root.putChild(b"metrics", MetricsResource(node, devices))
     return root

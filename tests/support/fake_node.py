@@ -81,7 +81,7 @@ class FakeRuntime:
     def leave(self) -> None:
         self.left += 1
 
-    def request_finished(self) -> None:
+    def request_finished(self, endpoint=None, status=None) -> None:
         self.finished += 1
         if self.finished > self.started:
             raise AssertionError("request_finished called more often than request_started")

@@ -1,0 +1,108 @@
+"""C{GET /metrics}: the node's state in Prometheus' text format, through prometheus_client.
+
+Everything is read from the runtimes and the devices report at scrape time by a collector of
+our own, registered in a registry of our own (never the process-global one), so two nodes in
+one process never mix their numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.web.resource import Resource
+
+from llmnode.node import STATES
+from llmnode.web.common import method_not_allowed
+
+#: Upper bounds (seconds) of the start-duration histogram's buckets.
+START_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class NodeCollector:
+    """Collects per-model and per-device figures from a node at scrape time."""
+
+    def __init__(self, node, devices: Callable[[], list]):
+        self._node = node
+        self._devices = devices
+
+    def collect(self):
+        runtimes = self._node.runtimes()
+        state = GaugeMetricFamily("llmnode_model_state",
+                                  "1 for the state the model is in, 0 for the others",
+                                  labels=["model", "state"])
+        requests = CounterMetricFamily("llmnode_requests",
+                                       "Proxied requests that ended, by endpoint and status",
+                                       labels=["model", "endpoint", "status"])
+        in_flight = GaugeMetricFamily("llmnode_requests_in_flight",
+                                      "Requests being served (streams included)",
+                                      labels=["model"])
+        queued = GaugeMetricFamily("llmnode_requests_queued",
+                                   "Requests waiting for a max_concurrency slot",
+                                   labels=["model"])
+        starts = CounterMetricFamily("llmnode_model_starts", "Backend starts begun",
+                                     labels=["model"])
+        crashes = CounterMetricFamily("llmnode_model_crashes",
+                                      "Backends that died while running", labels=["model"])
+        evictions = CounterMetricFamily("llmnode_model_evictions",
+                                        "Stops made to free memory for another model",
+                                        labels=["model"])
+        durations = HistogramMetricFamily("llmnode_model_start_duration_seconds",
+                                          "Seconds from the start decision to readiness",
+                                          labels=["model"])
+        for runtime in runtimes:
+            model = runtime.model.id
+            for name in STATES:
+                state.add_metric([model, name], 1 if runtime.state == name else 0)
+            for (endpoint, status), count in sorted(runtime.responses.items(),
+                                                    key=lambda item: str(item[0])):
+                requests.add_metric([model, endpoint or "", str(status)], count)
+            in_flight.add_metric([model], runtime.in_flight)
+            queued.add_metric([model], runtime.queued)
+            starts.add_metric([model], runtime.starts)
+            crashes.add_metric([model], runtime.crashes)
+            evictions.add_metric([model], runtime.evictions)
+            observed = list(runtime.start_durations)
+            buckets = [(str(bound), sum(1 for d in observed if d <= bound))
+                       for bound in START_BUCKETS]
+            buckets.append(("+Inf", len(observed)))
+            durations.add_metric([model], buckets, sum_value=sum(observed))
+        yield from (state, requests, in_flight, queued, starts, crashes, evictions, durations)
+
+        total = GaugeMetricFamily("llmnode_device_memory_total_mb", "Device memory, total",
+                                  labels=["device", "name"])
+        free = GaugeMetricFamily("llmnode_device_memory_free_mb",
+                                 "Device memory free, as the device reports it",
+                                 labels=["device", "name"])
+        reserved = GaugeMetricFamily("llmnode_device_memory_reserved_mb",
+                                     "Device memory reserved by llmnode's models",
+                                     labels=["device", "name"])
+        for device in self._devices():
+            labels = [device["id"], device["name"]]
+            total.add_metric(labels, device["total_mb"])
+            free.add_metric(labels, device["free_mb"])
+            reserved.add_metric(labels, device["reserved_mb"])
+        yield from (total, free, reserved)
+
+
+class MetricsResource(Resource):
+    """The scrape endpoint."""
+
+    isLeaf = True
+
+    def __init__(self, node, devices: Callable[[], list]):
+        super().__init__()
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(NodeCollector(node, devices))
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._registry)
+
+    def render(self, request):
+        if request.method not in (b"GET", b"HEAD"):
+            return method_not_allowed(request, ("GET",))
+        return super().render(request)
