@@ -106,7 +106,7 @@ def spread(values, scale: float = 1.0, digits: int = 3) -> str:
     values = [v * scale for v in values if v is not None]
     if not values:
         return "-"
-    if len(values) == 1:
+    if min(values) == max(values):
         return fmt(values[0], digits)
     low, mid, high = (fmt(v, digits) for v in (min(values), median(values), max(values)))
     return f"{mid} ({low}–{high})"
@@ -444,6 +444,8 @@ class Bench:
 
     async def burst_once(self, port: int) -> dict:
         raw = request_bytes(CHAT_PATH, CHAT_BODY, port)
+        node = self.node_process()
+        node_before = cpu(node)
         cpu_before, wall_before = time.process_time(), time.monotonic()
 
         async def one():
@@ -459,7 +461,8 @@ class Bench:
         ok = [t for t in latencies if t is not None]
         return {"answered": len(ok), "p50": median(ok), "p99": percentile(ok, 99),
                 "max": max(ok) if ok else None, "wall": wall,
-                "client_cpu_share": (time.process_time() - cpu_before) / wall}
+                "client_cpu_share": (time.process_time() - cpu_before) / wall,
+                "node_cpu_us": (cpu(node) - node_before) / max(1, len(ok)) * 1e6}
 
     async def bursts(self) -> None:
         data = {"direct": [], "node": [], "cold": []}
@@ -531,6 +534,7 @@ class Bench:
     async def run(self) -> None:
         self.start_node()
         self.results["started"] = time.time()
+        self.results["load_before"] = os.getloadavg()
         await self.held_streams("fresh")
         await self.small_chat()
         await self.sse()
@@ -557,10 +561,11 @@ def build_report(results: dict, settings: Settings, quick: bool) -> Report:
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip() or "?"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    load_before = ", ".join(f"{x:.2f}" for x in results["load_before"])
     report.preamble = [
         f"llmnode benchmark ({'quick' if quick else 'full'}): commit {commit}, "
         f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(results['started']))}, "
-        f"{os.cpu_count()} CPUs, load average at end {load}, Python "
+        f"{os.cpu_count()} CPUs, load average at start {load_before}, at end {load}, Python "
         f"{platform.python_version()}, {platform.system()} {platform.release()}.",
         "",
         f"Figures: median over {settings.reps} repetition(s) (min–max in brackets); direct and "
@@ -632,9 +637,12 @@ def build_report(results: dict, settings: Settings, quick: bool) -> Report:
     for key, label, scale in (("answered", "answered (200)", 1), ("p50", "p50 ms", 1e3),
                               ("p99", "p99 ms", 1e3), ("max", "max ms", 1e3),
                               ("wall", "all answered after ms", 1e3),
-                              ("client_cpu_share", "client CPU / wall %", 100)):
-        rows.append((label,) + tuple(spread([r[key] for r in burst[name]], scale)
-                                     for name in ("direct", "node", "cold")))
+                              ("client_cpu_share", "client CPU / wall %", 100),
+                              ("node_cpu_us", "node CPU µs/request", 1)):
+        rows.append((label,) + tuple(
+            "-" if (name, key) == ("direct", "node_cpu_us")
+            else spread([r[key] for r in burst[name]], scale)
+            for name in ("direct", "node", "cold")))
     rows.append(("backend spawns (events log / info starts)", "-", "-",
                  f"{spread([r['spawns'] for r in burst['cold']])} / "
                  f"{spread([r['starts'] for r in burst['cold']])}"))
