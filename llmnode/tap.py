@@ -76,15 +76,21 @@ def makeService(options: Options) -> TwistdNode:
 
     from llmnode.service import NodeService
 
-    reactor.addSystemEventTrigger("after", "startup", _stop_cleanly_on_sigterm, reactor)
     program = options.loaded.program
     node = NodeService(options.loaded, reactor, host=options["host"], port=options["port"])
+    reactor.addSystemEventTrigger("after", "startup", _stop_cleanly_on_sigterm, reactor)
+    reactor.addSystemEventTrigger("after", "startup", _reload_on_sighup, reactor, node)
     stream = None
     if customised(program):
         stream = twistd_log_stream(getattr(options, "parent", None))
         if isinstance(stream, LogFile):
             _rotate_on_sigusr1(reactor, stream)
     return TwistdNode(node, program, stream)
+
+
+def _reload_on_sighup(reactor, service) -> None:
+    """SIGHUP re-reads the config file, as daemons do."""
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(service.reload))
 
 
 def _rotate_on_sigusr1(reactor, log_file: LogFile) -> None:
