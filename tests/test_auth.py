@@ -217,3 +217,17 @@ class LiveNodeTests(TestCase):
         self.assertEqual(status, 401)
         status, _, _ = await self.call("GET", "/api/health", "client-key")
         self.assertEqual(status, 200)
+
+    async def test_metrics_follow_the_admin_keys_unless_metrics_auth_is_off(self):
+        await self.node(api_keys=["client-key"], admin_api_keys=["admin-key"])
+        for key, expected in ((None, 401), ("client-key", 401), ("admin-key", 200)):
+            headers = {b"Authorization": [b"Bearer " + key.encode()]} if key else {}
+            response = await self.http.get(self.url + "/metrics", headers=headers)
+            await response.content()
+            self.assertEqual(response.code, expected, key)
+
+    async def test_metrics_open_with_metrics_auth_false(self):
+        await self.node(api_keys=["client-key"], metrics_auth=False)
+        response = await self.http.get(self.url + "/metrics")
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"llmnode", await response.content())
