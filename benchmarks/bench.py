@@ -7,7 +7,8 @@ Starts a node (twistd, loopback only) whose one model is L{fast_backend}, and me
 several repetitions that alternate direct and proxied runs, throughput and latency of small
 chat requests (wrk), SSE timing, 1 MiB bodies, cold starts, a 1,000-request burst on a cold
 model and the node's memory with 1,000 open streams. Prints a table and writes it to
-benchmarks/results/latest.md (and .rst, .json). Everything it starts is stopped at the end.
+benchmarks/results/latest.md (quick.md with --quick; .rst and .json beside it). Everything it
+starts is stopped at the end. C{--render JSON} rewrites the tables of an earlier run.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class Report:
     def rst(self) -> str:
         out = list(self.preamble) + [""]
         for title, header, rows, note in self.sections:
-            out += [title, "~" * len(title), ""]
+            out += [title, "-" * len(title), ""]
             table = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
             widths = [max(len(r[i]) for r in table) for i in range(len(header))]
             line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
@@ -535,6 +536,9 @@ class Bench:
         self.start_node()
         self.results["started"] = time.time()
         self.results["load_before"] = os.getloadavg()
+        self.results["commit"] = subprocess.run(
+            ["git", "-C", ROOT, "describe", "--always", "--dirty"],
+            capture_output=True, text=True).stdout.strip() or "?"
         await self.held_streams("fresh")
         await self.small_chat()
         await self.sse()
@@ -542,6 +546,7 @@ class Bench:
         await self.cold_starts()
         await self.bursts()
         await self.held_streams("after")
+        self.results["load_after"] = os.getloadavg()
         self.results["node_log_bytes"] = os.path.getsize(os.path.join(self.workdir, "node.log"))
 
 
@@ -558,9 +563,8 @@ def progress(text: str) -> None:
 
 def build_report(results: dict, settings: Settings, quick: bool) -> Report:
     report = Report()
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip() or "?"
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    commit = results["commit"]
+    load = ", ".join(f"{x:.2f}" for x in results["load_after"])
     load_before = ", ".join(f"{x:.2f}" for x in results["load_before"])
     report.preamble = [
         f"llmnode benchmark ({'quick' if quick else 'full'}): commit {commit}, "
@@ -571,6 +575,7 @@ def build_report(results: dict, settings: Settings, quick: bool) -> Report:
         f"Figures: median over {settings.reps} repetition(s) (min–max in brackets); direct and "
         "through-llmnode runs alternate within each repetition; 'ratio' is the median of the "
         "per-repetition ratios through/direct. 'direct' is the benchmark backend alone.",
+        results.get("run_line", ""),
     ]
 
     chat = results["small_chat"]
@@ -694,13 +699,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
     parser.add_argument("--reps", type=int, help="repetitions (default 5, quick 1)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "latest.md"),
-                        help="where to write the Markdown table (.rst and .json beside it)")
+    parser.add_argument("--out", help="where to write the Markdown table (.rst and .json beside "
+                        "it); default benchmarks/results/latest.md, or quick.md with --quick")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--render", metavar="JSON",
+                        help="only rewrite the tables from the raw results of an earlier run")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
+    args.out = args.out or os.path.join(HERE, "results", "quick.md" if args.quick else "latest.md")
     if args.reps:
         settings = Settings(**{**settings.__dict__, "reps": args.reps})
+    if args.render:
+        with open(args.render) as f:
+            results = json.load(f)
+        settings = Settings(**{**results["settings"], "connections": ()})
+        write_report(build_report(results, settings, results["quick"]), results, args.out)
+        return 0
     if shutil.which("wrk") is None:
         print("wrk is not installed (benchmarks/run installs it)", file=sys.stderr)
         return 2
@@ -720,20 +734,27 @@ def main(argv=None) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     report = build_report(bench.results, settings, args.quick)
-    report.preamble.append(f"Run time {time.monotonic() - started:.0f} s; command: "
-                           f"benchmarks/run{' --quick' if args.quick else ''}"
-                           f"{f' --reps {args.reps}' if args.reps else ''}.")
-    markdown = report.markdown()
-    print(markdown)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    stem = os.path.splitext(args.out)[0]
-    with open(args.out, "w") as f:
-        f.write(markdown)
+    bench.results["settings"] = settings.__dict__
+    bench.results["quick"] = args.quick
+    bench.results["run_line"] = (f"Run time {time.monotonic() - started:.0f} s; command: "
+                                 f"benchmarks/run{' --quick' if args.quick else ''}"
+                                 f"{f' --reps {args.reps}' if args.reps else ''}.")
+    report = build_report(bench.results, settings, args.quick)
+    print(report.markdown())
+    write_report(report, bench.results, args.out)
+    return 0
+
+
+def write_report(report: Report, results: dict, out: str) -> None:
+    """The Markdown table at C{out}; the reST table and the raw results beside it."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    stem = os.path.splitext(out)[0]
+    with open(out, "w") as f:
+        f.write(report.markdown())
     with open(stem + ".rst", "w") as f:
         f.write(report.rst())
     with open(stem + ".json", "w") as f:
-        json.dump(bench.results, f, indent=1, default=str)
-    return 0
+        json.dump(results, f, indent=1, default=str)
 
 
 if __name__ == "__main__":
