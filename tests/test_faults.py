@@ -203,9 +203,15 @@ class TwistdCase(TestCase):
 class NodeProcessFaultTests(TwistdCase):
     """The node process signalled while it works."""
 
-    async def test_sigterm_during_twenty_open_streams(self):
+    async def sigterm_during_streams(self, shutdown_timeout: float) -> list[bool]:
+        """SIGTERM a node while 20 two-second streams are open; whether each one completed.
+
+        Whatever the drain allows, a stream ends with C{data: [DONE]} or visibly incomplete,
+        the node exits 0 and no backend process is left.
+        """
         config = write_config(self, {"chat": demo_model(
-            free_port(), flags="--chunks 20 --chunk-interval 0.1")}, shutdown_timeout=10)
+            free_port(), flags="--chunks 20 --chunk-interval 0.1")},
+            shutdown_timeout=shutdown_timeout)
         node, http, url, port = await self.twistd(config)
         status, info, _ = await post_json(http, url + "/api/models/chat/start", {})
         self.assertEqual(status, 200, info)
@@ -222,6 +228,7 @@ class NodeProcessFaultTests(TwistdCase):
         reason = await node.ended
         await gatherResults([client.lost for client in clients])
         self.assertIsInstance(reason, ProcessDone, node.tail())
+        completed = []
         for client in clients:
             status, _, body, complete = parse_response(client.data)
             self.assertEqual(status, 200)
@@ -229,7 +236,15 @@ class NodeProcessFaultTests(TwistdCase):
                 self.assertTrue(body.endswith(b"data: [DONE]\n\n"), body[-200:])
             else:
                 self.assertNotIn(b"[DONE]", body)
+            completed.append(complete)
         self.assertEqual(pids_alive(members), [])
+        return completed
+
+    async def test_sigterm_drains_twenty_open_streams(self):
+        self.assertEqual(await self.sigterm_during_streams(10), [True] * 20)
+
+    async def test_sigterm_cuts_streams_that_outlast_the_drain(self):
+        self.assertEqual(await self.sigterm_during_streams(0.3), [False] * 20)
 
     async def test_sigkill_then_a_new_node_on_the_same_config(self):
         model_port = free_port()
