@@ -30,7 +30,8 @@ from llmnode.node import RUNNING, Node, backend_environment
 from llmnode.placement import Ledger, Placer, Resident
 from llmnode.sweeper import Sweeper
 from llmnode.web.api import reload_config
-from llmnode.web.common import bounded_request_factory, max_body_bytes
+from llmnode.web.auth import warn_if_open
+from llmnode.web.common import bounded_request_factory, harden_site, max_body_bytes
 from llmnode.web.root import build_root
 
 
@@ -96,7 +97,9 @@ class NodeService(MultiService):
         self.sweeper = Sweeper(reactor, self.node.runtimes, program.alive_time, self.log)
         self.site = Site(build_root(self.node, self.http, reactor, program,
                                     devices=self.devices_report),
-                         requestFactory=bounded_request_factory(max_body_bytes(program.max_body_mb)))
+                         requestFactory=bounded_request_factory(max_body_bytes(program.max_body_mb)),
+                         reactor=reactor)
+        harden_site(self.site)
         self.site.displayTracebacks = False
         # Twisted would otherwise parse every POST body's Content-Type as a form.
         if hasattr(self.site, "parsePOSTFormSubmission"):
@@ -124,6 +127,7 @@ class NodeService(MultiService):
         self.monitor.start()
         self._listen()
         self.sweeper.start()
+        warn_if_open(self.host, self.config.program, self.log)
         self.log.info("llmnode serving {n} models on http://{host}:{port}",
                       n=len(self.config.models), host=self.host, port=self.listening_port)
         for runtime in self.node.runtimes():
