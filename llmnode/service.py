@@ -114,8 +114,15 @@ class NodeService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        os.makedirs(self.config.program.log_dir, exist_ok=True)
-        os.makedirs(self.runtime_dir, exist_ok=True)
+        for key, folder in (("log_dir", self.config.program.log_dir),
+                            ("runtime_dir", self.runtime_dir)):
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                raise RuntimeError(f"program.{key}: cannot create {folder}: "
+                                   f"{e.strerror or e}") from None
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise RuntimeError(f"program.{key}: {folder} is not writable by this user")
         for pid in reclaim(self.runtime_dir, self.log):
             self.log.warn("stopped backend group {pid} left behind by a previous node", pid=pid)
         plugins = self._plugins

@@ -57,6 +57,8 @@ class OptionsTests(SynchronousTestCase):
         options = Options()
         options.parseOptions(["--config", self.config(), "--log-dir", "/tmp/llmnode-logs"])
         self.assertEqual(options.loaded.program.log_dir, "/tmp/llmnode-logs")
+        self.assertEqual(options.loaded.program.runtime_dir, "/tmp/run",
+                         "a defaulted runtime_dir follows the log folder")
 
 
 class TwistdProcessTests(TwistdMixin, TestCase):
