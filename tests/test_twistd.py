@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 from twisted.application.service import IServiceMaker
@@ -107,3 +108,44 @@ def _pgid(pid: int):
         return os.getpgid(pid)
     except OSError:
         return None
+
+
+class ExampleConfigTests(TwistdMixin, TestCase):
+    """The shipped example config runs as is: the README's first command."""
+
+    timeout = 60
+
+    async def test_example_config_serves_its_demo_models(self):
+        import shutil
+        import tempfile
+        folder = tempfile.mkdtemp(prefix="llmnode-example-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        config = os.path.join(folder, "config.example.yaml")
+        with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "etc",
+                               "config.example.yaml")) as f:
+            text = f.read()
+        # Only the demo models' fixed ports change: another process may hold them here.
+        text, changed = re.subn(r"(?m)^(    port: )\d+$",
+                                lambda m: m.group(1) + str(free_port()), text)
+        self.assertEqual(changed, 3)
+        with open(config, "w") as f:
+            f.write(text)
+        port = free_port()
+        process = self.spawn(config, port)
+        http = http_client(self)
+        url = f"http://127.0.0.1:{port}"
+        status, health = await self.wait_healthy(http, url, process)
+        self.assertEqual(status, 200)
+        self.assertEqual(health["models"]["stopped"], 3)
+        status, body, _ = await post_json(http, url + "/v1/chat/completions", {
+            "model": "demo", "messages": [{"role": "user", "content": "hello"}]})
+        self.assertEqual(status, 200, body)
+        status, body, _ = await post_json(http, url + "/v1/embeddings", {
+            "model": "text-embedding-demo", "input": "hello"})
+        self.assertEqual(status, 200, body)
+        status, body, _ = await post_json(http, url + "/v1/rerank", {
+            "model": "demo-rerank", "query": "fruit", "documents": ["apple", "car"]})
+        self.assertEqual(status, 200, body)
+        os.kill(process.transport.pid, signal.SIGTERM)
+        reason = await process.ended
+        self.assertIsInstance(reason, ProcessDone)
