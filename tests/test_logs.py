@@ -10,8 +10,6 @@ import tempfile
 
 from twisted.application.service import Application, IServiceCollection, Service
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import ILogObserver, LogLevel, Logger
 from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -21,8 +19,8 @@ from llmnode.logs import (MAX_TEXT, customised, install_observer, json_record, m
                           twistd_log_stream)
 from llmnode.tap import TwistdNode
 from tests.support.nodes import PACKAGE_ROOT, demo_model, free_port, sleep, write_config
+from tests.support.twistd import TWISTD, Twistd
 
-_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
 
 def emit(observer, level=LogLevel.info, namespace="llmnode.test", **fields):
@@ -130,27 +128,13 @@ class DestinationTests(SynchronousTestCase):
             self.assertIs(node.parent.parent, IServiceCollection(application))
 
 
-class Twistd(ProcessProtocol):
-    def __init__(self):
-        self.output = b""
-        self.ended = Deferred()
-
-    def outReceived(self, data):
-        self.output = (self.output + data)[-200000:]
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        self.ended.callback(reason.value)
-
-
 class TwistdLogTests(TestCase):
     timeout = 60
 
     def spawn(self, config: str, *args: str) -> Twistd:
         process = Twistd()
         env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT)
-        argv = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", *args, "llmnode",
+        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", *args, "llmnode",
                 "--config", config, "--port", str(free_port())]
         transport = reactor.spawnProcess(process, sys.executable, argv, env=env,
                                          path=os.path.dirname(config))

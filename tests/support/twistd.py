@@ -11,7 +11,7 @@ from twisted.internet.protocol import ProcessProtocol
 
 from tests.support.nodes import PACKAGE_ROOT, get_json, sleep
 
-_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
 
 class Twistd(ProcessProtocol):
@@ -34,7 +34,7 @@ class TwistdMixin:
     def spawn(self, config: str, port: int) -> Twistd:
         process = Twistd()
         env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT)
-        argv = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "llmnode",
+        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "llmnode",
                 "--config", config, "--port", str(port)]
         transport = reactor.spawnProcess(process, sys.executable, argv, env=env,
                                          path=os.path.dirname(config))
