@@ -77,6 +77,9 @@ class StreamRelay(Protocol):
             request.setResponseCode(response.code, response.phrase)
             headers = end_to_end(response.headers, frozenset({b"content-length"}))
             for name, values in headers.getAllRawHeaders():
+                if name.lower() == b"content-encoding" and not b"".join(values).strip():
+                    # treq's gzip decoding leaves an empty one behind when the backend sent none.
+                    continue
                 request.responseHeaders.setRawHeaders(name, list(values))
             if response.length is not UNKNOWN_LENGTH:
                 request.setHeader(b"Content-Length", b"%d" % response.length)
