@@ -78,6 +78,7 @@ class BackendFaultTests(FaultCase):
         await client.lost
         status, headers, body, complete = parse_response(client.data)
         self.assertEqual(status, 200)
+        self.assertNotIn("content-encoding", headers)
         self.assertFalse(complete, "the client must see the stream end incomplete")
         self.assertEqual(body.count(b"data: {"), 3)
         self.assertNotIn(b"[DONE]", body)
