@@ -115,7 +115,7 @@ class ModelsResource(_Group):
             return self
         runtime = self.api.node.lookup(name)
         if runtime is None:
-            return ErrorResource(ModelNotFound(f"no model named {name!r}", param="model"))
+            return ErrorResource(ModelNotFound(f"no model named {name[:200]!r}", param="model"))
         return ModelResource(runtime)
 
     def render(self, request):
