@@ -17,8 +17,7 @@ from twisted.internet.protocol import ProcessProtocol
 from llmnode.launcher.supervisor import group_members
 from tests.support.net import parse_response
 from tests.support.nodes import PACKAGE_ROOT, get_json, sleep
-
-_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+from tests.support.twistd import TWISTD
 
 #: A process that holds a listening socket on a port and does nothing else.
 _STRANGER = (
@@ -78,7 +77,7 @@ def _spawn(testcase, argv: list, cwd: str, marker: bytes = b"") -> Child:
 
 def spawn_twistd(testcase, config: str, port: int) -> Child:
     """C{twistd -n llmnode --config CONFIG --port PORT}, killed after the test if still alive."""
-    argv = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "llmnode",
+    argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "llmnode",
             "--config", config, "--port", str(port)]
     return _spawn(testcase, argv, os.path.dirname(config))
 
