@@ -16,10 +16,8 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
-from twisted.web.server import Site
 
 from llmnode.config import Config, Model
 from llmnode.errors import NodeError
@@ -30,8 +28,9 @@ from llmnode.node import RUNNING, Node, backend_environment
 from llmnode.placement import Ledger, Placer, Resident
 from llmnode.sweeper import Sweeper
 from llmnode.web.api import reload_config
+from llmnode.web.client import BackendAgent, make_client
 from llmnode.web.auth import warn_if_open
-from llmnode.web.common import bounded_request_factory, harden_site, max_body_bytes
+from llmnode.web.common import NodeSite, bounded_request_factory, harden_site, max_body_bytes
 from llmnode.web.root import build_root
 
 
@@ -55,15 +54,13 @@ class BackendEndpoints:
         return TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
 
 
-def make_http_client(reactor) -> tuple[HTTPClient, HTTPConnectionPool]:
-    """The node's one HTTP client: persistent pool, no redirects, a cookie jar that keeps nothing
-    (a backend's cookies must never reach another user's request)."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 64
-    pool.retryAutomatically = False
+def make_http_client(reactor) -> tuple[HTTPClient, BackendAgent]:
+    """The node's one HTTP client: treq over a lean keep-alive agent for local backends (see
+    L{llmnode.web.client}), no redirects, a cookie jar that keeps nothing (a backend's cookies
+    must never reach another user's request). Close it with the agent's
+    C{closeCachedConnections}."""
     jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-    agent = Agent.usingEndpointFactory(reactor, BackendEndpoints(reactor), pool=pool)
-    return HTTPClient(agent, cookiejar=jar), pool
+    return make_client(reactor, cookiejar=jar)
 
 
 class NodeService(MultiService):
@@ -95,15 +92,13 @@ class NodeService(MultiService):
                          make_backend=self._make_backend, log_path=self._log_path,
                          changed=self._changed)
         self.sweeper = Sweeper(reactor, self.node.runtimes, program.alive_time, self.log)
-        self.site = Site(build_root(self.node, self.http, reactor, program,
-                                    devices=self.devices_report),
-                         requestFactory=bounded_request_factory(max_body_bytes(program.max_body_mb)),
-                         reactor=reactor)
+        self.site = NodeSite(build_root(self.node, self.http, reactor, program,
+                                        devices=self.devices_report),
+                             requestFactory=bounded_request_factory(
+                                 max_body_bytes(program.max_body_mb)),
+                             reactor=reactor)
         harden_site(self.site)
         self.site.displayTracebacks = False
-        # Twisted would otherwise parse every POST body's Content-Type as a form.
-        if hasattr(self.site, "parsePOSTFormSubmission"):
-            self.site.parsePOSTFormSubmission = False
         self._listening = None
 
     # -- lifecycle -----------------------------------------------------------------------

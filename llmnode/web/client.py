@@ -1,0 +1,651 @@
+"""A lean HTTP/1.1 agent for the node's local backends, under C{treq.HTTPClient}.
+
+Twisted's C{Agent} with its connection pool costs several times more CPU per request than the
+proxying around it. This agent keeps only what a proxy in front of local backends needs:
+plain-TCP keep-alive connections pooled per host and port, the request head and an in-memory
+body written in one go, the response parsed with C{httptools}, and body bytes handed to the
+body protocol as they arrive, with pause/resume/stop reaching the backend connection.
+
+A pooled connection is checked before reuse (a non-blocking peek): one the backend has closed
+is dropped and the request goes on another, so nothing of it was sent. Once a request was
+written, a connection that closes without an answer fails it (L{ResponseNeverReceived}); it is
+never sent again, since a model request is not idempotent.
+
+Build the client with L{make_client}.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Optional
+
+from httptools import HttpParserError, HttpResponseParser
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._newclient import _DataLoss
+from twisted.web.client import (
+    PotentialDataLoss, RequestGenerationFailed, ResponseDone, ResponseFailed,
+    ResponseNeverReceived)
+from twisted.web.error import SchemeNotSupported
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IClientRequest, IResponse
+from zope.interface import implementer
+
+log = Logger()
+
+#: Request headers the agent writes itself.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host"})
+
+#: Methods whose request carries a C{Content-Length: 0} when they have no body.
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
+
+@implementer(IBodyProducer)
+class BytesBody:
+    """A request body already in memory: the agent writes it together with the head."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer) -> Deferred:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def body_producer(data) -> IBodyProducer:
+    """treq's C{data_to_body_producer}: bytes become a L{BytesBody}, the rest as treq does."""
+    if isinstance(data, bytes):
+        return BytesBody(data)
+    return IBodyProducer(data)
+
+
+def make_client(reactor, *, cookiejar=None, connect_timeout: float = 10.0
+                ) -> tuple[HTTPClient, "BackendAgent"]:
+    """A C{treq.HTTPClient} over a L{BackendAgent}, and the agent (close it on shutdown with
+    C{closeCachedConnections})."""
+    agent = BackendAgent(reactor, connect_timeout=connect_timeout)
+    return HTTPClient(agent, cookiejar=cookiejar, data_to_body_producer=body_producer), agent
+
+
+@implementer(IClientRequest)
+class _RequestInfo:
+    def __init__(self, method: bytes, uri: bytes, headers: Headers):
+        self.method = method
+        self.absoluteURI = uri
+        self.headers = headers
+
+
+class _Request:
+    """One request on its way: where it is (connecting, or sent on a connection) and the
+    Deferred its response fires."""
+
+    __slots__ = ("method", "uri", "path", "key", "authority", "headers", "body", "deferred",
+                 "connector", "connection", "body_pending")
+
+    def __init__(self, method, uri, path, key, authority, headers, body):
+        self.method = method
+        self.uri = uri
+        self.path = path
+        self.key = key
+        self.authority = authority
+        self.headers = headers
+        self.body = body
+        self.connector = None
+        self.connection: Optional[_Connection] = None
+        self.body_pending = False
+        self.deferred: Deferred = Deferred(self._cancel)
+
+    def _cancel(self, deferred) -> None:
+        if self.connection is not None:
+            self.connection.abort()
+        elif self.connector is not None:
+            self.connector.stopConnecting()
+        self.stop_body()
+
+    def stop_body(self) -> None:
+        """Stop a streamed body that is still being written."""
+        if self.body_pending:
+            self.body_pending = False
+            self.body.stopProducing()
+
+    def head(self, framing: bytes) -> bytes:
+        """The request line and headers; C{framing} is the body's length header line(s)."""
+        parts = [self.method, b" ", self.path, b" HTTP/1.1\r\n"]
+        has_host = False
+        if self.headers is not None:
+            for name, values in self.headers.getAllRawHeaders():
+                lower = name.lower()
+                if lower in _FRAMING:
+                    if lower != b"host":
+                        continue
+                    has_host = True
+                for value in values:
+                    parts += (name, b": ", value, b"\r\n")
+        if not has_host:
+            parts += (b"Host: ", self.authority, b"\r\n")
+        parts += (framing, b"\r\n")
+        return b"".join(parts)
+
+
+@implementer(IAgent)
+class BackendAgent:
+    """An C{IAgent} for C{http://} URLs of local backends, with its own keep-alive pool.
+
+    @param reactor: an C{IReactorTCP}.
+    @param connect_timeout: seconds a TCP connect may take.
+    @param max_idle: idle connections kept per host and port.
+    """
+
+    def __init__(self, reactor, *, connect_timeout: float = 10.0, max_idle: int = 64):
+        self._reactor = reactor
+        self._connect_timeout = connect_timeout
+        self._max_idle = max_idle
+        self._idle: dict[tuple, list[_Connection]] = {}
+        self._origins: dict[bytes, tuple] = {}
+        self._closing = False
+
+    def request(self, method: bytes, uri: bytes, headers: Optional[Headers] = None,
+                bodyProducer: Optional[IBodyProducer] = None) -> Deferred:
+        try:
+            key, authority, path = self._split(uri)
+        except ValueError as e:
+            return fail(SchemeNotSupported(str(e)))
+        request = _Request(method, uri, path, key, authority, headers, bodyProducer)
+        connection = self._checkout(key)
+        if connection is not None:
+            connection.send(request)
+        else:
+            self._connect(request)
+        return request.deferred
+
+    def _split(self, uri: bytes) -> tuple:
+        """(host, port), the authority and the request target of an C{http://} URL."""
+        scheme, sep, rest = uri.partition(b"://")
+        if not sep or scheme.lower() != b"http":
+            raise ValueError(f"only http:// URLs are supported, not {uri[:100]!r}")
+        slash = rest.find(b"/")
+        if slash < 0:
+            authority, path = rest, b"/"
+        else:
+            authority, path = rest[:slash], rest[slash:]
+        path = path.partition(b"#")[0]
+        origin = self._origins.get(authority)
+        if origin is None:
+            origin = self._origins[authority] = _origin(authority)
+        return origin, authority, path
+
+    def _checkout(self, key) -> Optional["_Connection"]:
+        idle = self._idle.get(key)
+        while idle:
+            connection = idle.pop()
+            connection.pooled = False
+            if connection.alive():
+                return connection
+            connection.abort()
+        return None
+
+    def _connect(self, request: _Request) -> None:
+        host, port = request.key
+        factory = _ConnectionFactory(self, request)
+        request.connector = self._reactor.connectTCP(host, port, factory,
+                                                     timeout=self._connect_timeout)
+
+    def _recycle(self, connection: "_Connection") -> None:
+        if connection.closing:
+            return
+        idle = self._idle.setdefault(connection.key, [])
+        if self._closing or len(idle) >= self._max_idle:
+            connection.close()
+            return
+        connection.pooled = True
+        idle.append(connection)
+
+    def _forget(self, connection: "_Connection") -> None:
+        if connection.pooled:
+            connection.pooled = False
+            idle = self._idle.get(connection.key)
+            if idle and connection in idle:
+                idle.remove(connection)
+
+    def closeCachedConnections(self) -> Deferred:
+        """Close the idle connections (and any that turn idle later); fires when they are
+        closed."""
+        self._closing = True
+        closing = []
+        for idle in self._idle.values():
+            while idle:
+                connection = idle.pop()
+                connection.pooled = False
+                closing.append(connection.when_lost())
+                connection.close()
+        if not closing:
+            return succeed(None)
+        done = Deferred()
+        remaining = [len(closing)]
+
+        def one(_):
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                done.callback(None)
+
+        for d in closing:
+            d.addBoth(one)
+        return done
+
+
+def _origin(authority: bytes) -> tuple:
+    if authority.startswith(b"["):
+        host, _, rest = authority[1:].partition(b"]")
+        port = rest[1:] if rest.startswith(b":") else b""
+    else:
+        host, _, port = authority.partition(b":")
+    if not host:
+        raise ValueError(f"no host in {authority[:100]!r}")
+    try:
+        return host.decode("ascii"), int(port) if port else 80
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"bad host or port in {authority[:100]!r}") from None
+
+
+class _ConnectionFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, agent: BackendAgent, request: _Request):
+        self._agent = agent
+        self._request = request
+
+    def buildProtocol(self, addr):
+        return _Connection(self._agent, self._request)
+
+    def clientConnectionFailed(self, connector, reason):
+        request = self._request
+        request.connector = None
+        if not request.deferred.called:
+            request.deferred.errback(reason)
+
+
+@implementer(IResponse)
+class BackendResponse:
+    """A response whose body is handed to the body protocol as it arrives.
+
+    The body protocol's transport is a L{_BodyTransport}: pausing it pauses reading from the
+    backend, stopping it closes the backend connection.
+    """
+
+    version = (b"HTTP", 1, 1)
+    previousResponse = None
+
+    def __init__(self, info: tuple, code: int, phrase: bytes, headers: Headers, length,
+                 connection: "_Connection"):
+        self._info = info
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers
+        self.length = length
+        self._connection: Optional[_Connection] = connection
+        self._protocol = None
+        self._buffer: list[bytes] = []
+        self._end: Optional[Failure] = None
+
+    @property
+    def request(self) -> IClientRequest:
+        return _RequestInfo(*self._info)
+
+    def setPreviousResponse(self, response) -> None:
+        self.previousResponse = response
+
+    def deliverBody(self, protocol) -> None:
+        if self._protocol is not None:
+            raise RuntimeError("the body of a response can be delivered only once")
+        self._protocol = protocol
+        protocol.makeConnection(_BodyTransport(self))
+        buffered, self._buffer = self._buffer, []
+        for data in buffered:
+            protocol.dataReceived(data)
+        if self._end is not None:
+            protocol.connectionLost(self._end)
+
+    def _data(self, data: bytes) -> None:
+        if self._protocol is None:
+            self._buffer.append(data)
+        else:
+            self._protocol.dataReceived(data)
+
+    def _finish(self, reason: Failure) -> None:
+        self._connection = None
+        self._end = reason
+        if self._protocol is not None:
+            self._protocol.connectionLost(reason)
+
+
+@implementer(IPushProducer)
+class _BodyTransport:
+    """The transport a response's body protocol sees: the backend connection, while the body
+    is still arriving on it."""
+
+    def __init__(self, response: BackendResponse):
+        self._response = response
+
+    def pauseProducing(self) -> None:
+        connection = self._response._connection
+        if connection is not None:
+            connection.pause()
+
+    def resumeProducing(self) -> None:
+        connection = self._response._connection
+        if connection is not None:
+            connection.resume()
+
+    def stopProducing(self) -> None:
+        connection = self._response._connection
+        if connection is not None:
+            connection.abort()
+
+    def loseConnection(self) -> None:
+        self.stopProducing()
+
+
+class _Unexpected(Exception):
+    """The backend sent bytes that belong to no request."""
+
+
+class _Connection(Protocol):
+    """One keep-alive connection to a backend; carries one request at a time."""
+
+    def __init__(self, agent: BackendAgent, first: _Request):
+        self._agent = agent
+        self.key = first.key
+        self._first: Optional[_Request] = first
+        self.pooled = False
+        self._parser = HttpResponseParser(self)
+        self._request: Optional[_Request] = None
+        self._response: Optional[BackendResponse] = None
+        self._lost: list[Deferred] = []
+        self._paused = False
+        self._closing = False
+        self._gone = False
+
+    # Connection life.
+
+    def connectionMade(self) -> None:
+        first, self._first = self._first, None
+        first.connector = None
+        if first.deferred.called:
+            self._agent._recycle(self)
+        else:
+            self.send(first)
+
+    def alive(self) -> bool:
+        """Whether the backend has not closed this idle connection (nor sent anything)."""
+        if self._closing:
+            return False
+        handle = getattr(self.transport, "getHandle", None)
+        if handle is None:
+            return True
+        try:
+            handle().recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def when_lost(self) -> Deferred:
+        d = Deferred()
+        if self._gone:
+            d.callback(None)
+        else:
+            self._lost.append(d)
+        return d
+
+    def close(self) -> None:
+        self._closing = True
+        self.transport.loseConnection()
+
+    def abort(self) -> None:
+        if not self._gone:
+            self._closing = True
+            self.transport.abortConnection()
+
+    def pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    # Sending.
+
+    def send(self, request: _Request) -> None:
+        request.connection = self
+        self._request = request
+        self._response = None
+        self._status = 0
+        self._phrase = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._length: Optional[int] = None
+        self._chunked = False
+        self._close = False
+        self._headers_done = False
+        self._complete = False
+        self._keep_alive = False
+        self._pending_body: list[bytes] = []
+        body = request.body
+        if body is None:
+            framing = b"Content-Length: 0\r\n" if request.method in _BODY_METHODS else b""
+            self.transport.write(request.head(framing))
+        elif isinstance(body, BytesBody):
+            self.transport.write(request.head(b"Content-Length: %d\r\n" % body.length)
+                                 + body.body)
+        else:
+            self._send_producer(request, body)
+
+    def _send_producer(self, request: _Request, body) -> None:
+        chunked = body.length is UNKNOWN_LENGTH
+        self.transport.write(request.head(
+            b"Transfer-Encoding: chunked\r\n" if chunked
+            else b"Content-Length: %d\r\n" % body.length))
+        request.body_pending = True
+        consumer = _BodyConsumer(self.transport, chunked)
+        done = maybeDeferred(body.startProducing, consumer)
+
+        def sent(_):
+            if request.body_pending:
+                request.body_pending = False
+                consumer.finish()
+
+        def failed(reason):
+            if not request.body_pending:
+                return
+            request.body_pending = False
+            if not request.deferred.called:
+                request.deferred.errback(RequestGenerationFailed([reason]))
+            if request is self._request:
+                self.abort()
+
+        done.addCallbacks(sent, failed)
+
+    # Receiving (httptools callbacks, then what follows a feed).
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._request is None:
+            self.abort()
+            return
+        try:
+            self._parser.feed_data(data)
+        except HttpParserError as e:
+            if not self._complete:
+                cause = e.__context__ if isinstance(e.__context__, _Unexpected) else e
+                self._broken(Failure(cause))
+                return
+            self._keep_alive = False
+        if self._headers_done and self._response is None:
+            self._deliver_headers()
+        if self._complete:
+            self._finish_message()
+
+    def on_message_begin(self) -> None:
+        if self._request is None or self._complete:
+            raise _Unexpected("the backend sent more than one response")
+
+    def on_status(self, phrase: bytes) -> None:
+        self._phrase += phrase
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length":
+            try:
+                self._length = int(value)
+            except ValueError:
+                raise _Unexpected("bad Content-Length") from None
+        elif lower == b"transfer-encoding":
+            self._chunked = b"chunked" in value.lower()
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                raise _Unexpected("the backend switched protocols")
+            self._phrase = b""
+            self._headers = []
+            self._length = None
+            self._chunked = False
+            return
+        self._status = status
+        self._headers_done = True
+        self._keep_alive = self._parser.should_keep_alive()
+        if self._request.method == b"HEAD":
+            self._complete = True
+
+    def on_body(self, data: bytes) -> None:
+        if self._response is None:
+            self._pending_body.append(data)
+        else:
+            self._response._data(data)
+
+    def on_message_complete(self) -> None:
+        if self._headers_done:
+            self._complete = True
+
+    def _deliver_headers(self) -> None:
+        request = self._request
+        headers = Headers()
+        for name, value in self._headers:
+            headers.addRawHeader(name, value)
+        status = self._status
+        if request.method == b"HEAD" or status in (204, 304):
+            length = 0
+        elif self._chunked or self._length is None:
+            length = UNKNOWN_LENGTH
+        else:
+            length = self._length
+        response = BackendResponse((request.method, request.uri, request.headers), status,
+                                   self._phrase.strip(), headers, length, self)
+        self._response = response
+        for data in self._pending_body:
+            response._data(data)
+        self._pending_body = []
+        if not request.deferred.called:
+            request.deferred.callback(response)
+
+    def _finish_message(self) -> None:
+        response, request = self._response, self._request
+        self._request = None
+        self._response = None
+        request.connection = None
+        if request.body_pending:
+            request.stop_body()
+            self.close()
+        elif self._keep_alive and request.method != b"HEAD":
+            self.resume()
+            self._agent._recycle(self)
+        else:
+            self.close()
+        response._finish(Failure(ResponseDone()))
+
+    def _broken(self, reason: Failure) -> None:
+        """The backend's answer cannot be parsed: fail what waits on it and close."""
+        request, response = self._request, self._response
+        self._request = None
+        self._response = None
+        self.abort()
+        if request is not None:
+            request.stop_body()
+        if response is not None:
+            response._finish(Failure(ResponseFailed([reason])))
+        elif request is not None and not request.deferred.called:
+            request.deferred.errback(ResponseFailed([reason]))
+
+    def connectionLost(self, reason=None) -> None:
+        self._gone = True
+        self._agent._forget(self)
+        request, response = self._request, self._response
+        self._request = None
+        self._response = None
+        if request is not None:
+            request.stop_body()
+        if response is not None:
+            until_eof = not self._chunked and self._length is None
+            if self._complete:
+                end = Failure(ResponseDone())
+            elif until_eof and reason.check(ConnectionDone):
+                end = Failure(PotentialDataLoss())
+            else:
+                end = Failure(ResponseFailed([reason, Failure(_DataLoss())]))
+            response._finish(end)
+        elif request is not None and not request.deferred.called:
+            request.deferred.errback(ResponseNeverReceived([reason]))
+        lost, self._lost = self._lost, []
+        for d in lost:
+            d.callback(None)
+
+
+@implementer(IConsumer)
+class _BodyConsumer:
+    """Writes a streamed request body to the connection, chunk-encoded when its length is
+    unknown."""
+
+    def __init__(self, transport, chunked: bool):
+        self._transport = transport
+        self._chunked = chunked
+
+    def registerProducer(self, producer, streaming) -> None:
+        self._transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._transport.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._chunked:
+            self._transport.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+        else:
+            self._transport.write(data)
+
+    def finish(self) -> None:
+        if self._chunked:
+            self._transport.write(b"0\r\n\r\n")

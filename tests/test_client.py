@@ -1,0 +1,351 @@
+"""The lean backend agent under treq: real sockets against tiny in-process servers whose
+answers are written byte for byte."""
+
+from __future__ import annotations
+
+import socket
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+
+import treq
+from httptools import HttpRequestParser
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
+from zope.interface.verify import verifyObject
+
+from llmnode.web.client import BackendAgent, make_client
+from tests.support.net import free_port
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+class Backend(Protocol):
+    """One server connection: parses requests and hands each to the factory's C{answer}."""
+
+    def connectionMade(self):
+        self.factory.connections.append(self)
+        self.lost = Deferred()
+        self._parser = HttpRequestParser(self)
+        self._reset()
+
+    def _reset(self):
+        self.url, self.headers, self.body = b"", {}, b""
+
+    def on_url(self, url):
+        self.url += url
+
+    def on_header(self, name, value):
+        self.headers[name.lower()] = value
+
+    def on_body(self, body):
+        self.body += body
+
+    def on_message_complete(self):
+        request = (self._parser.get_method(), self.url, self.headers, self.body)
+        self.factory.requests.append(request)
+        self._reset()
+        self.factory.answer(self, request)
+
+    def dataReceived(self, data):
+        self._parser.feed_data(data)
+
+    def connectionLost(self, reason):
+        self.factory.open.discard(self)
+        self.lost.callback(None)
+
+
+class BackendFactory(Factory):
+    protocol = Backend
+    noisy = False
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.connections: list[Backend] = []
+        self.requests: list = []
+        self.open: set[Backend] = set()
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        self.open.add(protocol)
+        return protocol
+
+
+class Body(Protocol):
+    """Collects a response body; C{done} fires with the reason it ended."""
+
+    def __init__(self, on_data=None):
+        self.data = b""
+        self.done: Deferred = Deferred()
+        self._on_data = on_data
+
+    def dataReceived(self, data):
+        self.data += data
+        if self._on_data is not None:
+            self._on_data(self)
+
+    def connectionLost(self, reason):
+        self.reason = reason
+        self.done.callback(reason.value)
+
+
+class AgentCase(TestCase):
+    timeout = 20
+
+    def setUp(self):
+        jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+        self.http, self.agent = make_client(reactor, cookiejar=jar)
+        self.addCleanup(self.agent.closeCachedConnections)
+
+    def serve(self, answer) -> tuple[BackendFactory, str]:
+        factory = BackendFactory(answer)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+        async def close():
+            await port.stopListening()
+            waiting = [c.lost for c in factory.open]
+            for connection in list(factory.open):
+                connection.transport.abortConnection()
+            await DeferredList(waiting)
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(close()))
+        return factory, f"http://127.0.0.1:{port.getHost().port}"
+
+
+class KeepAliveTests(AgentCase):
+
+    def test_is_an_agent(self):
+        self.assertTrue(verifyObject(IAgent, self.agent))
+
+    async def test_connection_reused_for_sequential_requests(self):
+        factory, url = self.serve(lambda c, r: c.transport.write(ok(b"hello " + r[1])))
+        for path in (b"/a", b"/b", b"/c"):
+            response = await self.http.get(url + path.decode())
+            self.assertEqual(await response.content(), b"hello " + path)
+        self.assertEqual(len(factory.connections), 1)
+        self.assertEqual([r[1] for r in factory.requests], [b"/a", b"/b", b"/c"])
+
+    async def test_request_head_and_body_arrive_intact(self):
+        factory, url = self.serve(lambda c, r: c.transport.write(ok(b"{}")))
+        body = b'{"model": "m"}' * 1000
+        response = await self.http.post(url + "/v1/chat?x=1", data=body,
+                                        headers={"X-Custom": "kept", "Content-Length": "3"})
+        self.assertEqual(response.code, 200)
+        await response.content()
+        method, path, headers, received = factory.requests[0]
+        self.assertEqual((method, path, received), (b"POST", b"/v1/chat?x=1", body))
+        self.assertEqual(headers[b"x-custom"], b"kept")
+        self.assertEqual(headers[b"content-length"], str(len(body)).encode())
+        self.assertEqual(headers[b"host"], url[len("http://"):].encode())
+
+    async def test_concurrent_requests_use_separate_connections(self):
+        waiting = []
+        factory, url = self.serve(lambda c, r: waiting.append(c))
+        first = self.http.get(url + "/1")
+        second = self.http.get(url + "/2")
+        while len(waiting) < 2:
+            await deferLater(reactor, 0.01, lambda: None)
+        for connection in waiting:
+            connection.transport.write(ok(b"x"))
+        for d in (first, second):
+            self.assertEqual(await (await d).content(), b"x")
+        self.assertEqual(len(factory.connections), 2)
+
+    async def test_connection_closed_by_backend_while_idle_is_not_used(self):
+        factory, url = self.serve(lambda c, r: c.transport.write(ok(b"one")))
+        response = await self.http.get(url + "/1")
+        await response.content()
+        # Close the backend's end at the socket, so the client has had no chance to notice
+        # before the next request picks the pooled connection.
+        factory.connections[0].transport.getHandle().shutdown(socket.SHUT_RDWR)
+        response = await self.http.get(url + "/2")
+        self.assertEqual(await response.content(), b"one")
+        self.assertEqual(len(factory.connections), 2)
+        self.assertEqual([r[1] for r in factory.requests], [b"/1", b"/2"])
+
+    async def test_connection_closed_after_request_is_not_retried(self):
+        factory, url = self.serve(lambda c, r: c.transport.loseConnection())
+        with self.assertRaises(ResponseNeverReceived):
+            await self.http.post(url + "/v1/chat", data=b"{}")
+        self.assertEqual(len(factory.requests), 1)
+
+    async def test_connection_close_answer_is_not_reused(self):
+        factory, url = self.serve(
+            lambda c, r: c.transport.write(ok(b"bye", b"Connection: close\r\n")))
+        for _ in range(2):
+            response = await self.http.get(url)
+            self.assertEqual(await response.content(), b"bye")
+        self.assertEqual(len(factory.connections), 2)
+
+    async def test_close_cached_connections(self):
+        factory, url = self.serve(lambda c, r: c.transport.write(ok(b"x")))
+        response = await self.http.get(url)
+        await response.content()
+        await self.agent.closeCachedConnections()
+        await factory.connections[0].lost
+        self.assertEqual(factory.open, set())
+
+
+class BodyFramingTests(AgentCase):
+
+    async def test_chunked_body(self):
+        factory, url = self.serve(lambda c, r: c.transport.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"))
+        for _ in range(2):
+            response = await self.http.get(url)
+            self.assertIs(response.length, UNKNOWN_LENGTH)
+            self.assertEqual(await response.content(), b"hello world")
+        self.assertEqual(len(factory.connections), 1)
+
+    async def test_content_length_body_and_headers(self):
+        factory, url = self.serve(lambda c, r: c.transport.write(
+            b"HTTP/1.1 201 Made It\r\nContent-Length: 2\r\nX-A: 1\r\nX-A: 2\r\n\r\nok"))
+        response = await self.http.get(url)
+        self.assertEqual((response.code, response.phrase, response.length), (201, b"Made It", 2))
+        self.assertEqual(response.headers.getRawHeaders(b"x-a"), [b"1", b"2"])
+        self.assertEqual(await response.content(), b"ok")
+
+    async def test_close_delimited_body(self):
+        def answer(connection, request):
+            connection.transport.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+            connection.transport.loseConnection()
+        factory, url = self.serve(answer)
+        for _ in range(2):
+            response = await self.http.get(url)
+            self.assertEqual(await response.content(), b"until the end")
+        self.assertEqual(len(factory.connections), 2)
+
+    async def test_body_cut_short_fails(self):
+        def answer(connection, request):
+            connection.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+            connection.transport.loseConnection()
+        _, url = self.serve(answer)
+        response = await self.http.get(url)
+        with self.assertRaises(ResponseFailed):
+            await response.content()
+
+    async def test_head_and_no_content(self):
+        def answer(connection, request):
+            if request[0] == b"HEAD":
+                connection.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n")
+            else:
+                connection.transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        _, url = self.serve(answer)
+        response = await self.http.head(url)
+        self.assertEqual((response.code, response.length), (200, 0))
+        self.assertEqual(await response.content(), b"")
+        response = await self.http.delete(url)
+        self.assertEqual((response.code, response.length), (204, 0))
+        self.assertEqual(await response.content(), b"")
+
+    async def test_interim_response_is_skipped(self):
+        _, url = self.serve(lambda c, r: c.transport.write(
+            b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"final")))
+        response = await self.http.post(url, data=b"x")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(await response.content(), b"final")
+
+    async def test_garbage_fails_the_request(self):
+        _, url = self.serve(lambda c, r: c.transport.write(b"SSH-2.0-OpenSSH\r\n\r\n"))
+        with self.assertRaises(ResponseFailed):
+            await self.http.get(url)
+
+    async def test_extra_bytes_after_an_answer_close_the_connection(self):
+        factory, url = self.serve(lambda c, r: c.transport.write(ok(b"a") + ok(b"b")))
+        for _ in range(2):
+            response = await self.http.get(url)
+            self.assertEqual(await response.content(), b"a")
+        self.assertEqual(len(factory.connections), 2)
+
+    async def test_streamed_request_body_is_chunk_encoded(self):
+        factory, url = self.serve(lambda c, r: c.transport.write(ok(r[3])))
+
+        class Streamed:
+            length = UNKNOWN_LENGTH
+
+            def startProducing(self, consumer):
+                consumer.write(b"part one, ")
+                consumer.write(b"part two")
+                return succeed(None)
+
+            def stopProducing(self):
+                pass
+
+        response = await self.agent.request(b"POST", url.encode(), Headers(), Streamed())
+        body = Body()
+        response.deliverBody(body)
+        self.assertIsInstance(await body.done, ResponseDone)
+        self.assertEqual(body.data, b"part one, part two")
+        self.assertEqual(factory.requests[0][2][b"transfer-encoding"], b"chunked")
+
+
+class FlowTests(AgentCase):
+
+    async def test_body_arrives_as_sent_and_pause_holds_it_back(self):
+        backend = []
+        factory, url = self.serve(lambda c, r: backend.append(c))
+        requested = self.agent.request(b"GET", url.encode())
+        while not backend:
+            await deferLater(reactor, 0.01, lambda: None)
+        backend[0].transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nfirst ")
+        response = await requested
+        self.assertTrue(verifyObject(IResponse, response))
+        first: Deferred = Deferred()
+        body = Body(on_data=lambda b: first.called or first.callback(None))
+        response.deliverBody(body)
+        await first
+        self.assertEqual(body.data, b"first ")
+        body.transport.pauseProducing()
+        backend[0].transport.write(b"second")
+        await deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(body.data, b"first ")
+        body.transport.resumeProducing()
+        self.assertIsInstance(await body.done, ResponseDone)
+        self.assertEqual(body.data, b"first second")
+
+    async def test_stop_producing_closes_the_backend_connection(self):
+        backend = []
+        factory, url = self.serve(lambda c, r: backend.append(c) or c.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n7\r\ndata: 1\r\n"))
+        response = await self.agent.request(b"GET", url.encode())
+        body = Body(on_data=lambda b: b.transport.stopProducing())
+        response.deliverBody(body)
+        self.assertIsInstance(await body.done, ResponseFailed)
+        await backend[0].lost
+        response = await self.http.get(url)
+        self.assertEqual(len(factory.connections), 2)
+        response.deliverBody(Body(on_data=lambda b: b.transport.stopProducing()))
+
+    async def test_cancel_while_waiting_for_headers_closes_the_connection(self):
+        factory, url = self.serve(lambda c, r: None)
+        requested = self.agent.request(b"GET", url.encode())
+        while not factory.requests:
+            await deferLater(reactor, 0.01, lambda: None)
+        requested.cancel()
+        with self.assertRaises(CancelledError):
+            await requested
+        await factory.connections[0].lost
+
+    async def test_treq_timeout(self):
+        factory, url = self.serve(lambda c, r: None)
+        with self.assertRaises(CancelledError):
+            await self.http.get(url, timeout=0.2)
+        await factory.connections[0].lost
+
+    async def test_refused(self):
+        with self.assertRaises(ConnectionRefusedError):
+            await self.http.get(f"http://127.0.0.1:{free_port()}/health")
+
+    async def test_only_http_urls(self):
+        agent = BackendAgent(reactor)
+        with self.assertRaises(Exception):
+            await agent.request(b"GET", b"https://127.0.0.1:1/")
