@@ -17,9 +17,11 @@ Build the client with L{make_client}.
 from __future__ import annotations
 
 import socket
+from functools import lru_cache
 from typing import Optional
 
 from httptools import HttpParserError, HttpResponseParser
+from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
@@ -80,6 +82,29 @@ def make_client(reactor, *, cookiejar=None, connect_timeout: float = 10.0
     C{closeCachedConnections})."""
     agent = BackendAgent(reactor, connect_timeout=connect_timeout)
     return HTTPClient(agent, cookiejar=cookiejar, data_to_body_producer=body_producer), agent
+
+
+class BackendURL(EncodedURL):
+    """A backend's URL that is a URI already (an IP or ASCII host, a request target as it
+    arrived on the wire): treq's conversion to a URI (IDNA for the host, re-quoting the target,
+    about 30 µs a request) has nothing to do, and the target is forwarded byte for byte."""
+
+    _text: Optional[str] = None
+
+    def to_uri(self) -> "BackendURL":
+        return self
+
+    def to_text(self, with_password: bool = False) -> str:
+        if self._text is None:
+            self._text = super().to_text(with_password)
+        return self._text
+
+
+@lru_cache(maxsize=512)
+def backend_url(host: str, port: int, target: bytes) -> BackendURL:
+    """The URL of C{target} (an ASCII request target: path and query) on a backend."""
+    host_text = f"[{host}]" if ":" in host else host
+    return BackendURL.from_text(f"http://{host_text}:{port}{target.decode('ascii')}")
 
 
 @implementer(IClientRequest)

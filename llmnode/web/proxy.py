@@ -28,6 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmnode.errors import BadGateway, BadRequest, GatewayTimeout, ModelNotFound, NodeError
+from llmnode.web.client import backend_url
 from llmnode.web.common import (
     ErrorResource,
     PendingResponse,
@@ -264,9 +265,8 @@ class Exchange:
     async def _send(self, host: str, port: int):
         self._sending = True
         request = self._pending.request
-        uri = request.uri if request.uri.startswith(b"/") else request.path
-        host_text = f"[{host}]" if ":" in host else host
-        url = f"http://{host_text}:{port}".encode("ascii") + uri
+        target = request.uri if request.uri.startswith(b"/") else request.path
+        url = backend_url(host, port, target)
         headers = end_to_end(request.requestHeaders, _REQUEST_DROP)
         sending = self._http.request(
             request.method.decode("ascii"), url, headers=headers, data=self._body,
