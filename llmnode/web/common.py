@@ -176,6 +176,11 @@ class NodeSite(Site):
     def log(self, request) -> None:
         pass
 
+    def getContentFile(self, length):
+        """Request bodies stay in memory (twisted.web puts any over 100 kB in a temporary
+        file); L{BoundedRequest} and C{max_body_mb} bound them."""
+        return io.BytesIO()
+
 
 def bounded_request_factory(max_body_bytes: int) -> type:
     """A L{BoundedRequest} class for C{Site(root, requestFactory=...)}."""
@@ -284,15 +289,16 @@ class NodeChannel(HTTPChannel):
 
     _head_bytes = 0
     _head_deadline = None
+    _in_head = False
     _linger = None
     _refused = False
 
     def lineReceived(self, line):
         if self._refused:
             return
-        if self._head_bytes == 0 and self.head_timeout is not None:
-            self._head_deadline = self.callLater(self.head_timeout, self._head_too_slow)
         first = self._head_bytes == 0
+        if first and self.head_timeout is not None:
+            self._start_head_deadline()
         self._head_bytes += len(line) + 2
         if self._head_bytes > self.head_limit:
             self._refuse_head(first)
@@ -304,8 +310,18 @@ class NodeChannel(HTTPChannel):
 
     def allHeadersReceived(self):
         self._head_bytes = 0
-        self._cancel_deadline()
+        self._in_head = False
         super().allHeadersReceived()
+
+    def _start_head_deadline(self) -> None:
+        # One timer per connection, pushed back at each request head: cheaper than a new
+        # timer per request on a kept-alive connection. It fires harmlessly between heads.
+        self._in_head = True
+        deadline = self._head_deadline
+        if deadline is not None and deadline.active():
+            deadline.reset(self.head_timeout)
+        else:
+            self._head_deadline = self.callLater(self.head_timeout, self._head_too_slow)
 
     def rawDataReceived(self, data):
         if not self._refused:
@@ -333,6 +349,8 @@ class NodeChannel(HTTPChannel):
 
     def _head_too_slow(self) -> None:
         self._head_deadline = None
+        if not self._in_head:
+            return
         self.refuse(HeadTimeout(
             f"request line and headers not received within {self.head_timeout:g} s"))
 

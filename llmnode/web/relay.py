@@ -27,15 +27,40 @@ HOP_BY_HOP = frozenset({
 def end_to_end(headers: Headers, also_drop: frozenset = frozenset()) -> Headers:
     """A copy of C{headers} without hop-by-hop ones, those named in C{Connection}, and
     C{also_drop} (lower-case names)."""
-    named = set()
-    for value in headers.getRawHeaders(b"connection", []):
-        named.update(token.strip().lower() for token in value.split(b","))
-    dropped = HOP_BY_HOP | also_drop | named
     kept = Headers()
-    for name, values in headers.getAllRawHeaders():
-        if name.lower() not in dropped:
-            kept.setRawHeaders(name, list(values))
+    for name, values in end_to_end_items(headers, also_drop):
+        kept.setRawHeaders(name, values)
     return kept
+
+
+def end_to_end_items(headers: Headers, also_drop: frozenset = frozenset()):
+    """The C{(name, values)} of C{headers} that L{end_to_end} keeps."""
+    dropped = HOP_BY_HOP | also_drop
+    connection = headers.getRawHeaders(b"connection")
+    if connection:
+        dropped = dropped | {token.strip().lower()
+                             for value in connection for token in value.split(b",")}
+    return [(name, list(values)) for name, values in headers.getAllRawHeaders()
+            if name.lower() not in dropped]
+
+
+#: Response headers the relay sets itself.
+_NOT_RELAYED = frozenset({b"content-length"})
+
+
+def _no_delay(request) -> None:
+    """Send small writes to the client at once (no Nagle delay), set once per connection."""
+    channel = getattr(request, "channel", None)
+    if getattr(channel, "llmnode_no_delay", False):
+        return
+    set_no_delay = getattr(getattr(request, "transport", None), "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except Exception:
+            return
+        if channel is not None:
+            channel.llmnode_no_delay = True
 
 
 def is_event_stream(headers: Headers) -> bool:
@@ -75,22 +100,17 @@ class StreamRelay(Protocol):
         request = self._pending.request
         if not headers_sent:
             request.setResponseCode(response.code, response.phrase)
-            headers = end_to_end(response.headers, frozenset({b"content-length"}))
-            for name, values in headers.getAllRawHeaders():
+            kept = request.responseHeaders
+            for name, values in end_to_end_items(response.headers, _NOT_RELAYED):
                 if name.lower() == b"content-encoding" and not b"".join(values).strip():
                     # treq's gzip decoding leaves an empty one behind when the backend sent none.
                     continue
-                request.responseHeaders.setRawHeaders(name, list(values))
+                kept.setRawHeaders(name, values)
             if response.length is not UNKNOWN_LENGTH:
                 request.setHeader(b"Content-Length", b"%d" % response.length)
             if is_event_stream(response.headers):
                 request.setHeader(b"X-Accel-Buffering", b"no")
-        set_no_delay = getattr(getattr(request, "transport", None), "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            try:
-                set_no_delay(True)
-            except Exception:
-                pass
+        _no_delay(request)
         self._pending.on_gone(self._client_gone)
         if self._pending.open:
             request.write(b"")
