@@ -9,6 +9,7 @@ import math
 from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
@@ -66,7 +67,8 @@ class PendingResponse:
         self.gone = False
         self.ended = False
         self._on_gone: list[Callable[[], Any]] = []
-        request.notifyFinish().addErrback(self._lost)
+        self._on_end: list[Callable[[Optional[Failure]], Any]] = []
+        request.notifyFinish().addBoth(self._finished)
 
     @property
     def open(self) -> bool:
@@ -76,6 +78,21 @@ class PendingResponse:
     def on_gone(self, callback: Callable[[], Any]) -> None:
         """Call C{callback()} if the client leaves before the response ends."""
         self._on_gone.append(callback)
+
+    def on_end(self, callback: Callable[[Optional[Failure]], Any]) -> None:
+        """Call C{callback(None)} once the response is finished, or C{callback(failure)} if the
+        connection was lost first (one C{notifyFinish} for all such listeners)."""
+        self._on_end.append(callback)
+
+    def _finished(self, result) -> None:
+        if isinstance(result, Failure):
+            self._lost(result)
+        callbacks, self._on_end = self._on_end, []
+        for callback in callbacks:
+            try:
+                callback(result)
+            except Exception:
+                log.failure("end-of-response callback failed")
 
     def _lost(self, failure) -> None:
         if self.ended:

@@ -170,9 +170,8 @@ class Forwarder:
             gets SSE comments, so that it and any proxy in between keep the connection open.
         """
         runtime.request_started()
-        finished = request.notifyFinish()
         pending = PendingResponse(request)
-        finished.addBoth(_release, runtime, request, endpoint)
+        pending.on_end(lambda result: _release(result, runtime, request, endpoint))
         exchange = Exchange(pending, runtime, body, self._http, self._clock, self._program)
         exchange.streaming = streaming
         exchange.start()
@@ -253,13 +252,16 @@ class Exchange:
         back when the response ends, however it ends."""
         runtime = self._runtime
         await runtime.admit()
-        self._pending.request.notifyFinish().addBoth(lambda _: runtime.leave())
+        self._pending.on_end(lambda _: runtime.leave())
 
     def _wait_ready(self) -> Deferred:
         """The model's readiness, as a Deferred of our own: cancelling it leaves the shared
         start alone."""
+        ready = maybeDeferred(self._runtime.ensure_running)
+        if ready.called:
+            return ready
         mine: Deferred = Deferred()
-        maybeDeferred(self._runtime.ensure_running).chainDeferred(mine)
+        ready.chainDeferred(mine)
         return mine
 
     async def _send(self, host: str, port: int):
