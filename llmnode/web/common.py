@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
@@ -240,6 +241,102 @@ def parse_json_object(body: bytes) -> dict:
     if not isinstance(value, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(value).__name__}")
     return value
+
+
+#: Bodies larger than this are scanned for the routing fields instead of parsed whole.
+SCAN_ABOVE = 64 * 1024
+
+_STRUCTURE = re.compile(rb'["\[\]{}]')
+_SPACE = re.compile(rb"[ \t\n\r]*")
+_SCALAR = re.compile(rb"true|false|null|-?[0-9][0-9.eE+-]*")
+
+
+def routing_fields(body: bytes, names: frozenset = frozenset({"model", "stream"})) -> dict:
+    """The top-level members C{names} of a JSON object body, or L{BadRequest}.
+
+    A body up to L{SCAN_ABOVE} bytes is parsed whole (L{parse_json_object}). A larger one is
+    scanned: strings are skipped by searching for their closing quote, nesting is followed by
+    brackets, and only the wanted members are decoded (parsing 1 MiB costs 1 to 2 ms here; the
+    scan a few µs). Malformed JSON elsewhere in such a body goes unnoticed here and is left for
+    the backend to refuse.
+    """
+    if len(body) > SCAN_ABOVE:
+        try:
+            return _scan(body, names)
+        except (ValueError, IndexError):
+            pass
+    value = parse_json_object(body)
+    return {name: value[name] for name in names if name in value}
+
+
+#: Escaped quotes a scan steps over before it gives up and parses (each costs a Python loop
+#: turn; text full of them parses faster).
+_ESCAPED_QUOTES = 512
+
+
+class _Scan:
+    """One scan of a body for L{routing_fields}; raises ValueError where it gives up."""
+
+    def __init__(self, text: bytes):
+        self.text = text
+        self.escaped = 0
+
+    def string_end(self, start: int) -> int:
+        """The index just past the closing quote of the string whose content starts at
+        C{start}."""
+        text = self.text
+        end = text.index(b'"', start)
+        while True:
+            before = end - 1
+            while text[before] == 0x5C:
+                before -= 1
+            if (end - 1 - before) % 2 == 0:
+                return end + 1
+            self.escaped += 1
+            if self.escaped > _ESCAPED_QUOTES:
+                raise ValueError("too many escaped quotes to scan")
+            end = text.index(b'"', end + 1)
+
+
+def _scan(text: bytes, names: frozenset) -> dict:
+    string_end = _Scan(text).string_end
+    position = _SPACE.match(text, 0).end()
+    if text[position:position + 1] != b"{":
+        raise ValueError("not an object")
+    found = {}
+    depth = 1
+    position += 1
+    while depth:
+        match = _STRUCTURE.search(text, position)
+        if match is None:
+            raise ValueError("unterminated")
+        char, position = match.group(), match.end()
+        if char == b'"':
+            start = position - 1
+            position = string_end(position)
+            if depth != 1:
+                continue
+            after = _SPACE.match(text, position).end()
+            if text[after:after + 1] != b":":
+                continue
+            key = json.loads(text[start:position])
+            if key in names:
+                value_at = _SPACE.match(text, after + 1).end()
+                if text[value_at:value_at + 1] == b'"':
+                    position = string_end(value_at + 1)
+                else:
+                    scalar = _SCALAR.match(text, value_at)
+                    if scalar is None:
+                        raise ValueError("a routing member that is not a string or scalar")
+                    position = scalar.end()
+                found[key] = json.loads(text[value_at:position])
+        elif char in b"[{":
+            depth += 1
+        else:
+            depth -= 1
+    if _SPACE.match(text, position).end() != len(text):
+        raise ValueError("extra data")
+    return found
 
 
 class ErrorResource(Resource):

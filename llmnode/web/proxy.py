@@ -37,6 +37,7 @@ from llmnode.web.common import (
     parse_json_object,
     read_body,
     render_error,
+    routing_fields,
 )
 from llmnode.web.models import ModelsResource
 from llmnode.web.relay import StreamRelay, end_to_end
@@ -142,9 +143,9 @@ class Forwarder:
         if not request.uri.isascii():
             raise BadRequest("the request target must be ASCII (percent-encode it)")
         raw = read_body(request, self._limit)
-        body = parse_json_object(raw)
-        name = body.get("model")
-        if "model" not in body:
+        fields = routing_fields(raw)
+        name = fields.get("model")
+        if "model" not in fields:
             raise BadRequest("missing required parameter 'model'", param="model")
         if not isinstance(name, str):
             raise BadRequest("'model' must be a string", param="model")
@@ -158,9 +159,10 @@ class Forwarder:
                 f"model {name[:200]!r} has mode {model.mode!r} and does not serve "
                 f"{_ENDPOINT_NAMES[endpoint]}", param="model", code="wrong_model_mode")
         if model.upstream_model is not None:
+            body = parse_json_object(raw)
             body["model"] = model.upstream_model
             raw = json.dumps(body).encode("utf-8")
-        return runtime, raw, body.get("stream") is True
+        return runtime, raw, fields.get("stream") is True
 
     def forward(self, request, runtime, body: bytes, streaming: bool = False,
                 endpoint: Optional[str] = None) -> None:
