@@ -215,21 +215,24 @@ def read_body(request, limit: int) -> bytes:
 
     Works with any Request; a L{BoundedRequest} additionally never stored the excess.
     """
-    too_large = BodyTooLarge(
-        f"request body is larger than the limit of {limit} bytes ({limit / 1048576:g} MiB)")
     if getattr(request, "body_too_large", False):
-        raise too_large
+        raise _too_large(limit)
     declared = request.getHeader(b"Content-Length")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise too_large
+        raise _too_large(limit)
     content = getattr(request, "content", None)
     if content is None:
         return b""
     content.seek(0, io.SEEK_END)
     if content.tell() > limit:
-        raise too_large
+        raise _too_large(limit)
     content.seek(0)
     return content.read()
+
+
+def _too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(
+        f"request body is larger than the limit of {limit} bytes ({limit / 1048576:g} MiB)")
 
 
 def parse_json_object(body: bytes) -> dict:

@@ -18,6 +18,7 @@ have buffered the whole oversized body before the proxy sees it.
 from __future__ import annotations
 
 import json
+from http.cookiejar import CookieJar
 from typing import Optional
 
 from treq import content as treq_content
@@ -47,6 +48,10 @@ log = Logger()
 #: Request headers never forwarded: the agent sets its own Host and Content-Length, and the
 #: node already answered any C{Expect: 100-continue}.
 _REQUEST_DROP = frozenset({b"host", b"content-length", b"expect"})
+
+#: treq's per-request cookies, always none: treq would otherwise build an empty jar per
+#: request. treq only reads it.
+_NO_COOKIES = CookieJar()
 
 #: What each endpoint is called in messages.
 _ENDPOINT_NAMES = {
@@ -274,7 +279,7 @@ class Exchange:
         headers = end_to_end(request.requestHeaders, _REQUEST_DROP)
         sending = self._http.request(
             request.method.decode("ascii"), url, headers=headers, data=self._body,
-            allow_redirects=False, unbuffered=True)
+            cookies=_NO_COOKIES, allow_redirects=False, unbuffered=True)
         self._header_timer = self._clock.callLater(
             self._program.backend_header_timeout, self._too_late, sending)
         try:
