@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
-import treq
 from httptools import HttpRequestParser
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
@@ -144,6 +143,15 @@ class KeepAliveTests(AgentCase):
         self.assertEqual(headers[b"x-custom"], b"kept")
         self.assertEqual(headers[b"content-length"], str(len(body)).encode())
         self.assertEqual(headers[b"host"], url[len("http://"):].encode())
+
+    async def test_bodies_larger_than_a_socket_buffer_keep_their_order(self):
+        factory, url = self.serve(lambda c, r: c.transport.write(ok(b"%d" % len(r[3]))))
+        bodies = [bytes([65 + i]) * (8 << 20) for i in range(2)] + [b"small"]
+        for body in bodies:
+            response = await self.http.post(url, data=body)
+            self.assertEqual(await response.content(), b"%d" % len(body))
+        self.assertEqual([r[3] for r in factory.requests], bodies)
+        self.assertEqual(len(factory.connections), 1)
 
     async def test_concurrent_requests_use_separate_connections(self):
         waiting = []

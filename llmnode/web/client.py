@@ -402,12 +402,16 @@ class _Connection(Protocol):
         self._response: Optional[BackendResponse] = None
         self._lost: list[Deferred] = []
         self._paused = False
+        self._socket: Optional[socket.socket] = None
         self._closing = False
         self._gone = False
 
     # Connection life.
 
     def connectionMade(self) -> None:
+        handle = getattr(self.transport, "getHandle", None)
+        if handle is not None and isinstance(handle(), socket.socket):
+            self._socket = handle()
         first, self._first = self._first, None
         first.connector = None
         if first.deferred.called:
@@ -480,14 +484,36 @@ class _Connection(Protocol):
         body = request.body
         if body is None:
             framing = b"Content-Length: 0\r\n" if request.method in _BODY_METHODS else b""
-            self.transport.write(request.head(framing))
+            self._write(request.head(framing))
         elif isinstance(body, BytesBody):
-            self.transport.write(request.head(b"Content-Length: %d\r\n" % body.length)
-                                 + body.body)
+            self._write(request.head(b"Content-Length: %d\r\n" % body.length) + body.body)
         else:
             self._send_producer(request, body)
 
+    def _write(self, data: bytes) -> None:
+        """Send C{data} now if the socket takes all of it; else leave it, and every later
+        write on this connection, to the transport's buffer.
+
+        Twisted's transport sends what is written only at the reactor's next turn (another
+        poll, two epoll registrations): most of a small request's cost in the reactor. The
+        transport's buffer is empty as long as nothing was left to it, so order is kept.
+        """
+        sock = self._socket
+        if sock is not None:
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._socket = None
+        self.transport.write(data)
+
     def _send_producer(self, request: _Request, body) -> None:
+        self._socket = None
         chunked = body.length is UNKNOWN_LENGTH
         self.transport.write(request.head(
             b"Transfer-Encoding: chunked\r\n" if chunked
