@@ -27,9 +27,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import _DataLoss
 from twisted.web.client import (
     PotentialDataLoss, RequestGenerationFailed, ResponseDone, ResponseFailed,
     ResponseNeverReceived)
@@ -37,8 +35,6 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IClientRequest, IResponse
 from zope.interface import implementer
-
-log = Logger()
 
 #: Request headers the agent writes itself.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host"})
@@ -211,6 +207,8 @@ class BackendAgent:
         path = path.partition(b"#")[0]
         origin = self._origins.get(authority)
         if origin is None:
+            if len(self._origins) > 256:
+                self._origins.clear()
             origin = self._origins[authority] = _origin(authority)
         return origin, authority, path
 
@@ -403,6 +401,7 @@ class _Connection(Protocol):
         self._lost: list[Deferred] = []
         self._paused = False
         self._socket: Optional[socket.socket] = None
+        self._direct = False
         self._closing = False
         self._gone = False
 
@@ -412,6 +411,7 @@ class _Connection(Protocol):
         handle = getattr(self.transport, "getHandle", None)
         if handle is not None and isinstance(handle(), socket.socket):
             self._socket = handle()
+            self._direct = True
         first, self._first = self._first, None
         first.connector = None
         if first.deferred.called:
@@ -423,11 +423,10 @@ class _Connection(Protocol):
         """Whether the backend has not closed this idle connection (nor sent anything)."""
         if self._closing:
             return False
-        handle = getattr(self.transport, "getHandle", None)
-        if handle is None:
+        if self._socket is None:
             return True
         try:
-            handle().recv(1, socket.MSG_PEEK)
+            self._socket.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
             return True
         except OSError:
@@ -498,22 +497,19 @@ class _Connection(Protocol):
         poll, two epoll registrations): most of a small request's cost in the reactor. The
         transport's buffer is empty as long as nothing was left to it, so order is kept.
         """
-        sock = self._socket
-        if sock is not None:
+        if self._direct:
             try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
+                sent = self._socket.send(data)
             except OSError:
                 sent = 0
             if sent == len(data):
                 return
             data = data[sent:]
-            self._socket = None
+            self._direct = False
         self.transport.write(data)
 
     def _send_producer(self, request: _Request, body) -> None:
-        self._socket = None
+        self._direct = False
         chunked = body.length is UNKNOWN_LENGTH
         self.transport.write(request.head(
             b"Transfer-Encoding: chunked\r\n" if chunked
@@ -665,7 +661,7 @@ class _Connection(Protocol):
             elif until_eof and reason.check(ConnectionDone):
                 end = Failure(PotentialDataLoss())
             else:
-                end = Failure(ResponseFailed([reason, Failure(_DataLoss())]))
+                end = Failure(ResponseFailed([reason]))
             response._finish(end)
         elif request is not None and not request.deferred.called:
             request.deferred.errback(ResponseNeverReceived([reason]))
