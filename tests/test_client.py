@@ -3,6 +3,7 @@ answers are written byte for byte."""
 
 from __future__ import annotations
 
+import json
 import socket
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
@@ -16,10 +17,15 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
+from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
+from llmnode.config import Program
 from llmnode.web.client import BackendAgent, make_client
-from tests.support.net import free_port
+from llmnode.web.common import bounded_request_factory
+from llmnode.web.proxy import mount
+from tests.support.fake_node import FakeNode, FakeRuntime, model
+from tests.support.net import free_port, http_request, listen, parse_response, raw_connect
 
 
 def ok(body: bytes, extra: bytes = b"") -> bytes:
@@ -357,3 +363,84 @@ class FlowTests(AgentCase):
         agent = BackendAgent(reactor)
         with self.assertRaises(Exception):
             await agent.request(b"GET", b"https://127.0.0.1:1/")
+
+
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+def sse_chunk(text: bytes) -> bytes:
+    event = b"data: " + text + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+class ProxyOverAgentTests(AgentCase):
+    """The /v1 proxy with the node's lean client behind it (the proxy's own tests use
+    Twisted's Agent)."""
+
+    def proxy(self, backend_port: int) -> int:
+        runtime = FakeRuntime(model("m"), lambda: ("127.0.0.1", backend_port))
+        root = Resource()
+        mount(root, FakeNode([runtime]), self.http, reactor,
+              Program(backend_header_timeout=0.5))
+        _, port = listen(self, root, requestFactory=bounded_request_factory(1 << 20))
+        return port
+
+    async def stream(self, answer):
+        backend = []
+
+        def record(connection, request):
+            backend.append(connection)
+            answer(connection, request)
+
+        factory, url = self.serve(record)
+        port = self.proxy(int(url.rsplit(":", 1)[1]))
+        client = await raw_connect(self, port)
+        client.transport.write(http_request(
+            "POST", "/v1/chat/completions", json.dumps({"model": "m", "stream": True}).encode(),
+            {"Content-Type": "application/json"}))
+        while not backend:
+            await deferLater(reactor, 0.01, lambda: None)
+        return factory, backend[0], client
+
+    async def test_events_pass_one_by_one(self):
+        _, backend, client = await self.stream(
+            lambda c, r: c.transport.write(SSE_HEAD + sse_chunk(b"one")))
+        await client.when_received(b"data: one\n\n")
+        self.assertNotIn(b"two", client.data)
+        backend.transport.write(sse_chunk(b"two") + b"0\r\n\r\n")
+        await client.when_received(b"data: two\n\n")
+        status, headers, body, complete = parse_response(client.data)
+        self.assertEqual((status, body, complete),
+                         (200, b"data: one\n\ndata: two\n\n", True))
+        self.assertEqual(headers["x-accel-buffering"], ["no"])
+
+    async def test_client_leaving_closes_the_backend_connection(self):
+        _, backend, client = await self.stream(
+            lambda c, r: c.transport.write(SSE_HEAD + sse_chunk(b"one")))
+        await client.when_received(b"data: one\n\n")
+        client.transport.loseConnection()
+        await backend.lost
+
+    async def test_backend_dying_mid_stream_cuts_the_client(self):
+        _, backend, client = await self.stream(
+            lambda c, r: c.transport.write(SSE_HEAD + sse_chunk(b"one")))
+        await client.when_received(b"data: one\n\n")
+        backend.transport.abortConnection()
+        await client.lost
+        self.assertEqual(parse_response(client.data)[3], False)
+
+    async def test_silent_backend_is_a_gateway_timeout(self):
+        _, backend, client = await self.stream(lambda c, r: None)
+        await client.when_received(b'"code"')
+        await backend.lost
+        status, _, body, complete = parse_response(client.data)
+        self.assertEqual((status, complete), (504, True))
+        self.assertIn("no response headers", json.loads(body)["error"]["message"])
+
+    async def test_refused_is_a_bad_gateway(self):
+        port = self.proxy(free_port())
+        response = await self.http.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions", data=b'{"model": "m"}')
+        self.assertEqual(response.code, 502)
+        self.assertIn("error", json.loads(await response.content()))
