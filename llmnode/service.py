@@ -15,9 +15,6 @@ from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.web.iweb import IAgentEndpointFactory
-from zope.interface import implementer
 
 from llmnode.config import Config, Model
 from llmnode.errors import NodeError
@@ -32,26 +29,6 @@ from llmnode.web.client import BackendAgent, make_client
 from llmnode.web.auth import warn_if_open
 from llmnode.web.common import NodeSite, bounded_request_factory, harden_site, max_body_bytes
 from llmnode.web.root import build_root
-
-
-@implementer(IAgentEndpointFactory)
-class BackendEndpoints:
-    """Plain TCP endpoints for backends, which listen on IP literals (127.0.0.1).
-
-    Twisted's default HostnameEndpoint resolves names in a thread and reports a refused
-    connection only at its next attempt tick (0.3 s): too slow for readiness probes that must
-    notice a backend within ~100 ms, and wasted work on every new connection.
-    """
-
-    def __init__(self, reactor, timeout: float = 10.0):
-        self._reactor = reactor
-        self._timeout = timeout
-
-    def endpointForURI(self, uri):
-        host = uri.host.decode("ascii")
-        if ":" in host:
-            return TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-        return TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
 
 
 def make_http_client(reactor) -> tuple[HTTPClient, BackendAgent]:
