@@ -8,7 +8,6 @@ HTTP pool, device plugins and model logs.
 from __future__ import annotations
 
 import os
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Optional
 
 from treq.client import HTTPClient
@@ -36,8 +35,7 @@ def make_http_client(reactor) -> tuple[HTTPClient, BackendAgent]:
     L{llmnode.web.client}), no redirects, a cookie jar that keeps nothing (a backend's cookies
     must never reach another user's request). Close it with the agent's
     C{closeCachedConnections}."""
-    jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-    return make_client(reactor, cookiejar=jar)
+    return make_client(reactor)
 
 
 class NodeService(MultiService):

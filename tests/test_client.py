@@ -227,6 +227,17 @@ class BodyFramingTests(AgentCase):
         self.assertEqual(response.headers.getRawHeaders(b"x-a"), [b"1", b"2"])
         self.assertEqual(await response.content(), b"ok")
 
+    async def test_default_client_keeps_no_cookies(self):
+        http, agent = make_client(reactor)
+        self.addCleanup(agent.closeCachedConnections)
+        factory, url = self.serve(lambda c, r: c.transport.write(
+            ok(b"x", b"Set-Cookie: session=alice; Path=/\r\n")))
+        for _ in range(2):
+            response = await http.get(url + "/a")
+            await response.content()
+        self.assertEqual([b"cookie" in r[2] for r in factory.requests], [False, False])
+        self.assertEqual(list(response.cookies()), [])
+
     async def test_close_delimited_body(self):
         def answer(connection, request):
             connection.transport.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")

@@ -18,7 +18,6 @@ have buffered the whole oversized body before the proxy sees it.
 from __future__ import annotations
 
 import json
-from http.cookiejar import CookieJar
 from typing import Optional
 
 from treq import content as treq_content
@@ -29,7 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmnode.errors import BadGateway, BadRequest, GatewayTimeout, ModelNotFound, NodeError
-from llmnode.web.client import backend_url
+from llmnode.web.client import NoCookies, backend_url
 from llmnode.web.common import (
     ErrorResource,
     PendingResponse,
@@ -51,7 +50,7 @@ _REQUEST_DROP = frozenset({b"host", b"content-length", b"expect"})
 
 #: treq's per-request cookies, always none: treq would otherwise build an empty jar per
 #: request. treq only reads it.
-_NO_COOKIES = CookieJar()
+_NO_COOKIES = NoCookies()
 
 #: What each endpoint is called in messages.
 _ENDPOINT_NAMES = {
