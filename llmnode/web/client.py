@@ -572,8 +572,15 @@ class _Connection(Protocol):
                 return
             self._keep_alive = False
         if self._headers_done and self._response is None:
-            self._deliver_headers()
-        if self._complete:
+            request = self._request
+            response = self._make_response()
+            if self._complete:
+                # The whole answer is here: its user gets a finished response, and the
+                # connection is free again before any of the user's code runs.
+                self._finish_message()
+            if not request.deferred.called:
+                request.deferred.callback(response)
+        elif self._complete:
             self._finish_message()
 
     def on_message_begin(self) -> None:
@@ -620,7 +627,7 @@ class _Connection(Protocol):
         if self._headers_done:
             self._complete = True
 
-    def _deliver_headers(self) -> None:
+    def _make_response(self) -> BackendResponse:
         request = self._request
         headers = Headers()
         for name, value in self._headers:
@@ -638,8 +645,7 @@ class _Connection(Protocol):
         for data in self._pending_body:
             response._data(data)
         self._pending_body = []
-        if not request.deferred.called:
-            request.deferred.callback(response)
+        return response
 
     def _finish_message(self) -> None:
         response, request = self._response, self._request

@@ -93,6 +93,7 @@ class StreamRelay(Protocol):
         self._stalled = False
         self._done = False
         self._registered = False
+        self._delivering = False
 
     def start(self, response, headers_sent: bool = False) -> None:
         """Send C{response}'s status and headers to the client (unless C{headers_sent}
@@ -112,24 +113,30 @@ class StreamRelay(Protocol):
                 request.setHeader(b"X-Accel-Buffering", b"no")
         _no_delay(request)
         self._pending.on_gone(self._client_gone)
-        if self._pending.open:
-            request.write(b"")
+        # What already arrived is relayed at once; a body that is not complete then gets
+        # backpressure and the idle timer (none of which a small answer needs).
+        self._delivering = True
         response.deliverBody(self)
+        self._delivering = False
+        if self._done or not self._pending.open:
+            return
+        if not request.startedWriting:
+            request.write(b"")
+        request.registerProducer(self, True)
+        self._registered = True
+        self._arm()
 
     # The backend side (IProtocol).
 
     def connectionMade(self):
         if not self._pending.open:
             self.transport.stopProducing()
-            return
-        self._pending.request.registerProducer(self, True)
-        self._registered = True
-        self._arm()
 
     def dataReceived(self, data):
         if not self._pending.open:
             return
-        self._arm()
+        if not self._delivering:
+            self._arm()
         self._pending.request.write(data)
 
     def connectionLost(self, reason=None):
@@ -137,7 +144,7 @@ class StreamRelay(Protocol):
         self._disarm()
         if self._stalled:
             reason = Failure(StreamStalled(self._idle_timeout))
-        clean = reason is None or reason.check(ResponseDone, PotentialDataLoss)
+        clean = reason is None or isinstance(reason.value, (ResponseDone, PotentialDataLoss))
         if self._pending.open:
             if self._registered:
                 self._pending.request.unregisterProducer()
