@@ -444,8 +444,37 @@ class NodeChannel(HTTPChannel):
         if not self._refused:
             super().rawDataReceived(data)
 
+    # The idle timeout: twisted.web suspends it while each request is processed by cancelling
+    # its timer and makes a new one when the request is done. Here one timer per connection
+    # is pushed back instead; one that fires while suspended does nothing.
+
+    _idle_call = None
+
+    def setTimeout(self, period):
+        previous, self.timeOut = self.timeOut, period
+        if period is not None:
+            call = self._idle_call
+            if call is not None and call.active():
+                call.reset(period)
+            else:
+                self._idle_call = self.callLater(period, self._idle_expired)
+        return previous
+
+    def resetTimeout(self):
+        call = self._idle_call
+        if call is not None and self.timeOut is not None and call.active():
+            call.reset(self.timeOut)
+
+    def _idle_expired(self) -> None:
+        self._idle_call = None
+        if self.timeOut is not None:
+            self.timeoutConnection()
+
     def connectionLost(self, reason):
         self._cancel_deadline()
+        idle, self._idle_call = self._idle_call, None
+        if idle is not None and idle.active():
+            idle.cancel()
         linger, self._linger = self._linger, None
         if linger is not None and linger.active():
             linger.cancel()
