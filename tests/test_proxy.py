@@ -304,6 +304,19 @@ class ErrorTests(ProxyCase):
         self.assertIn("chat-model", payload["error"]["message"])
         self.assertEqual(runtime.in_flight, 0)
 
+    async def test_request_refused_by_a_backend_that_just_died_is_sent_again(self):
+        """The backend died an instant before the request and the node had not yet seen its
+        exit: nothing of the request reached it, so it goes to the restarted backend."""
+        runtime = FakeRuntime(model("chat-model"), self.demo())
+        runtime.state, runtime._address = "running", ("127.0.0.1", free_port())
+        reactor.callLater(0.1, setattr, runtime, "state", "failed")
+        port = serve_proxy(self, [runtime])
+        response, payload = await self.post_json(port, CHAT, chat_body(text="again"))
+        self.assertEqual(response.code, 200, payload)
+        self.assertIn("again", payload["choices"][0]["message"]["content"])
+        self.assertEqual(runtime.spawns, 1)
+        self.assertEqual(runtime.in_flight, 0)
+
     async def test_backend_resets_the_connection(self):
         _, backend_port = listen_raw(self, _Reset)
         runtime = FakeRuntime(model("chat-model"), lambda: ("127.0.0.1", backend_port))

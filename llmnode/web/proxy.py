@@ -22,6 +22,8 @@ from typing import Optional
 
 from treq import content as treq_content
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ConnectionRefusedError as BackendRefused
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -233,7 +235,15 @@ class Exchange:
         try:
             await self._admit()
             host, port = await self._wait_ready()
-            response = await self._send(host, port)
+            try:
+                response = await self._send(host, port)
+            except BackendRefused:
+                # The backend died a moment ago and the node has not seen its exit yet. Nothing
+                # of this request reached it: once the crash is noticed, start it and try again.
+                if not await self._backend_noticed_gone():
+                    raise
+                host, port = await self._wait_ready()
+                response = await self._send(host, port)
         except Exception as e:
             if not self._pending.open:
                 return
@@ -252,6 +262,15 @@ class Exchange:
             return
         StreamRelay(self._pending, self._clock, self._program.stream_idle_timeout).start(
             response, headers_sent=headers_sent)
+
+    async def _backend_noticed_gone(self, patience: float = 1.0) -> bool:
+        """Wait (bounded) until the runtime no longer says "running"; whether it did."""
+        deadline = self._clock.seconds() + patience
+        while self._runtime.state == "running":
+            if self._clock.seconds() >= deadline:
+                return False
+            await deferLater(self._clock, 0.02, lambda: None)
+        return True
 
     async def _admit(self) -> None:
         """Wait for a concurrency slot of the model (see C{max_concurrency}); it is given
