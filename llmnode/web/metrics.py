@@ -22,6 +22,20 @@ from llmnode.web.common import method_not_allowed
 START_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
+#: Per-model figures read straight off a runtime: (family, name, help, runtime attribute).
+_PER_MODEL = (
+    (GaugeMetricFamily, "llmnode_requests_in_flight", "Requests being served (streams included)",
+     "in_flight"),
+    (GaugeMetricFamily, "llmnode_requests_queued", "Requests waiting for a max_concurrency slot",
+     "queued"),
+    (CounterMetricFamily, "llmnode_model_starts", "Backend starts begun", "starts"),
+    (CounterMetricFamily, "llmnode_model_crashes", "Backends that died while running",
+     "crashes"),
+    (CounterMetricFamily, "llmnode_model_evictions",
+     "Stops made to free memory for another model", "evictions"),
+)
+
+
 class NodeCollector:
     """Collects per-model and per-device figures from a node at scrape time."""
 
@@ -37,19 +51,8 @@ class NodeCollector:
         requests = CounterMetricFamily("llmnode_requests",
                                        "Proxied requests that ended, by endpoint and status",
                                        labels=["model", "endpoint", "status"])
-        in_flight = GaugeMetricFamily("llmnode_requests_in_flight",
-                                      "Requests being served (streams included)",
-                                      labels=["model"])
-        queued = GaugeMetricFamily("llmnode_requests_queued",
-                                   "Requests waiting for a max_concurrency slot",
-                                   labels=["model"])
-        starts = CounterMetricFamily("llmnode_model_starts", "Backend starts begun",
-                                     labels=["model"])
-        crashes = CounterMetricFamily("llmnode_model_crashes",
-                                      "Backends that died while running", labels=["model"])
-        evictions = CounterMetricFamily("llmnode_model_evictions",
-                                        "Stops made to free memory for another model",
-                                        labels=["model"])
+        per_model = [(family(name, text, labels=["model"]), attribute)
+                     for family, name, text, attribute in _PER_MODEL]
         durations = HistogramMetricFamily("llmnode_model_start_duration_seconds",
                                           "Seconds from the start decision to readiness",
                                           labels=["model"])
@@ -60,17 +63,17 @@ class NodeCollector:
             for (endpoint, status), count in sorted(runtime.responses.items(),
                                                     key=lambda item: str(item[0])):
                 requests.add_metric([model, endpoint or "", str(status)], count)
-            in_flight.add_metric([model], runtime.in_flight)
-            queued.add_metric([model], runtime.queued)
-            starts.add_metric([model], runtime.starts)
-            crashes.add_metric([model], runtime.crashes)
-            evictions.add_metric([model], runtime.evictions)
+            for metric, attribute in per_model:
+                metric.add_metric([model], getattr(runtime, attribute))
             observed = list(runtime.start_durations)
             buckets = [(str(bound), sum(1 for d in observed if d <= bound))
                        for bound in START_BUCKETS]
             buckets.append(("+Inf", len(observed)))
             durations.add_metric([model], buckets, sum_value=sum(observed))
-        yield from (state, requests, in_flight, queued, starts, crashes, evictions, durations)
+        yield state
+        yield requests
+        yield from (metric for metric, _ in per_model)
+        yield durations
 
         total = GaugeMetricFamily("llmnode_device_memory_total_mb", "Device memory, total",
                                   labels=["device", "name"])
