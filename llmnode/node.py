@@ -171,10 +171,9 @@ class ModelRuntime:
     def admit(self) -> defer.Deferred:
         """Fire when the request may be forwarded under C{max_concurrency}; fail with
         L{Overloaded} when C{max_queue} requests already wait. Pair with L{leave}."""
-        limit = self.model.max_concurrency
-        if limit is None or self._active < limit:
-            self._active += 1
+        if self.try_admit():
             return defer.succeed(None)
+        limit = self.model.max_concurrency
         if len(self._queue) >= self.model.max_queue:
             return defer.fail(Overloaded(
                 f"model {self.model.id!r} is at its limit of {limit} concurrent requests and "
@@ -182,6 +181,14 @@ class ModelRuntime:
         waiter = defer.Deferred(lambda d: self._queue.remove(d))
         self._queue.append(waiter)
         return waiter
+
+    def try_admit(self) -> bool:
+        """Take a concurrency slot if one is free now (no waiting); pair with L{leave}."""
+        limit = self.model.max_concurrency
+        if limit is None or self._active < limit:
+            self._active += 1
+            return True
+        return False
 
     def leave(self) -> None:
         """A request admitted by L{admit} ended: hand its slot to the next waiter."""

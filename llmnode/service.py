@@ -26,7 +26,8 @@ from llmnode.sweeper import Sweeper
 from llmnode.web.api import reload_config
 from llmnode.web.client import BackendAgent, make_client
 from llmnode.web.auth import warn_if_open
-from llmnode.web.common import NodeSite, bounded_request_factory, harden_site, max_body_bytes
+from llmnode.web.common import max_body_bytes
+from llmnode.web.server import NodeSite
 from llmnode.web.root import build_root
 
 
@@ -69,11 +70,7 @@ class NodeService(MultiService):
         self.sweeper = Sweeper(reactor, self.node.runtimes, program.alive_time, self.log)
         self.site = NodeSite(build_root(self.node, self.http, reactor, program,
                                         devices=self.devices_report),
-                             requestFactory=bounded_request_factory(
-                                 max_body_bytes(program.max_body_mb)),
-                             reactor=reactor)
-        harden_site(self.site)
-        self.site.displayTracebacks = False
+                             max_body_bytes=max_body_bytes(program.max_body_mb), clock=reactor)
         self._listening = None
 
     # -- lifecycle -----------------------------------------------------------------------

@@ -22,10 +22,10 @@ from zope.interface.verify import verifyObject
 
 from llmnode.config import Program
 from llmnode.web.client import BackendAgent, make_client
-from llmnode.web.common import bounded_request_factory
 from llmnode.web.proxy import mount
 from tests.support.fake_node import FakeNode, FakeRuntime, model
-from tests.support.net import free_port, http_request, listen, parse_response, raw_connect
+from tests.support.net import (free_port, http_request, listen_node, parse_response,
+                                raw_connect)
 
 
 def ok(body: bytes, extra: bytes = b"") -> bytes:
@@ -394,7 +394,7 @@ class ProxyOverAgentTests(AgentCase):
         root = Resource()
         mount(root, FakeNode([runtime]), self.http, reactor,
               Program(backend_header_timeout=0.5))
-        _, port = listen(self, root, requestFactory=bounded_request_factory(1 << 20))
+        _, port = listen_node(self, root, max_body_bytes=1 << 20)
         return port
 
     async def stream(self, answer):

@@ -12,9 +12,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
-from llmnode.web.common import MAX_HEAD_BYTES, harden_site
+from llmnode.web.common import MAX_HEAD_BYTES
+from llmnode.web.server import NodeSite
 from tests.support.nodes import (base_url, demo_model, free_port, get_json, http_client,
                                  start_node)
 
@@ -54,8 +54,7 @@ class ChannelTests(SynchronousTestCase):
 
     def connect(self, transport=None, **options):
         self.clock = Clock()
-        site = Site(Hello(), reactor=self.clock)
-        harden_site(site, **options)
+        site = NodeSite(Hello(), clock=self.clock, **options)
         channel = site.buildProtocol(None)
         transport = transport or StringTransport()
         channel.makeConnection(transport)
@@ -200,7 +199,6 @@ class LiveLimitTests(TestCase):
 
     async def test_oversized_headers_get_431_json_and_the_node_stays_up(self):
         await self.node()
-        harden_site(self.service.site)
         client = await self.raw()
         client.transport.write(b"GET /api/health HTTP/1.1\r\nHost: x\r\nCookie: "
                                + b"c" * (4 * 1024 * 1024) + b"\r\n\r\n")
@@ -211,7 +209,7 @@ class LiveLimitTests(TestCase):
 
     async def test_half_a_request_line_is_dropped_after_the_idle_timeout(self):
         await self.node()
-        harden_site(self.service.site, idle_timeout=0.5)
+        self.service.site.idle_timeout = 0.5
         client = await self.raw()
         client.transport.write(b"POST /v1/chat/compl")
         started = reactor.seconds()

@@ -1,5 +1,5 @@
 """Helpers shared by the web resources: JSON answers, OpenAI-shaped errors, bounded bodies,
-and the HTTP channel that bounds request heads and slow clients."""
+routing fields read from a body, and the limits on request heads and slow clients."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import io
 import json
 import math
 import re
+import socket
 from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.http import HTTPChannel
-from twisted.web.server import Request, Site
 
 from llmnode.errors import BadRequest, BodyTooLarge, MethodNotAllowed, NodeError, NotFound
 
@@ -51,6 +50,42 @@ def method_not_allowed(request, allowed: tuple[str, ...]) -> bytes:
 
 def _path(request) -> str:
     return request.path.decode("utf-8", "replace")[:200]
+
+
+class SocketWriter:
+    """Writes to a TCP transport's socket at once, as long as the socket takes all of it.
+
+    Twisted's transport sends what is written only at the reactor's next turn, after two
+    epoll registrations: for a small request or answer, more than the rest of its writing
+    costs. Once the socket takes only part of something (or L{buffered} is called), that rest
+    and every later write go to the transport, whose buffer was empty until then, so order
+    is kept and the transport's flow control (producers) takes over.
+    """
+
+    __slots__ = ("transport", "_socket")
+
+    def __init__(self, transport):
+        self.transport = transport
+        handle = getattr(transport, "getHandle", None)
+        sock = handle() if handle is not None else None
+        self._socket = sock if isinstance(sock, socket.socket) else None
+
+    def write(self, data: bytes) -> None:
+        sock = self._socket
+        if sock is not None:
+            try:
+                sent = sock.send(data)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._socket = None
+        self.transport.write(data)
+
+    def buffered(self) -> None:
+        """From now on, write through the transport only."""
+        self._socket = None
 
 
 class PendingResponse:
@@ -146,65 +181,6 @@ class PendingResponse:
         return True
 
 
-class BoundedRequest(Request):
-    """A request that stops storing its body once it is larger than C{max_body_bytes}.
-
-    twisted.web reads the whole body before C{render}; this keeps an oversized body from
-    being buffered (to memory or a temporary file). When C{Content-Length} announces too much,
-    nothing is stored at all. The body is still read (and dropped) so the 413 that C{render}
-    answers reaches the client. Build a Site with L{bounded_request_factory}.
-
-    @ivar body_too_large: the body went (or was announced to go) over the limit.
-    """
-
-    max_body_bytes: Optional[int] = None
-    body_too_large = False
-    _body_seen = 0
-
-    def gotLength(self, length):
-        limit = self.max_body_bytes
-        if limit is not None and length is not None and length > limit:
-            self.body_too_large = True
-            self.content = io.BytesIO()
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data):
-        if self.body_too_large:
-            return
-        self._body_seen += len(data)
-        limit = self.max_body_bytes
-        if limit is not None and self._body_seen > limit:
-            self.body_too_large = True
-            self.content.close()
-            self.content = io.BytesIO()
-            return
-        super().handleContentChunk(data)
-
-
-class NodeSite(Site):
-    """The node's Site: no access-log line per request (formatting one costs about as much as
-    proxying a small request; C{/metrics} counts requests) and no form parsing of POST bodies
-    (twisted.web would otherwise parse every POST's Content-Type with the C{email} package)."""
-
-    def __init__(self, resource, **kwargs):
-        kwargs.setdefault("parsePOSTFormSubmission", False)
-        super().__init__(resource, **kwargs)
-
-    def log(self, request) -> None:
-        pass
-
-    def getContentFile(self, length):
-        """Request bodies stay in memory (twisted.web puts any over 100 kB in a temporary
-        file); L{BoundedRequest} and C{max_body_mb} bound them."""
-        return io.BytesIO()
-
-
-def bounded_request_factory(max_body_bytes: int) -> type:
-    """A L{BoundedRequest} class for C{Site(root, requestFactory=...)}."""
-    return type("BoundedRequest", (BoundedRequest,), {"max_body_bytes": int(max_body_bytes)})
-
-
 def max_body_bytes(max_body_mb: float) -> int:
     """The body limit in bytes for a limit in MiB."""
     return int(max_body_mb * 1024 * 1024)
@@ -213,10 +189,16 @@ def max_body_bytes(max_body_mb: float) -> int:
 def read_body(request, limit: int) -> bytes:
     """The request body, or L{BodyTooLarge} when it (or its C{Content-Length}) exceeds C{limit}.
 
-    Works with any Request; a L{BoundedRequest} additionally never stored the excess.
+    Works with any Request; the node's own (L{llmnode.web.server.NodeRequest}) never stored
+    an excess.
     """
     if getattr(request, "body_too_large", False):
         raise _too_large(limit)
+    raw = getattr(request, "raw_body", None)
+    if raw is not None:
+        if len(raw) > limit:
+            raise _too_large(limit)
+        return raw
     declared = request.getHeader(b"Content-Length")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
         raise _too_large(limit)
@@ -380,155 +362,3 @@ class HeadTimeout(NodeError):
     status = 408
     type = "invalid_request_error"
     code = "request_timeout"
-
-
-_REASONS = {408: b"Request Timeout", 414: b"URI Too Long",
-            431: b"Request Header Fields Too Large"}
-
-
-class NodeChannel(HTTPChannel):
-    """An HTTP channel whose refusals of a request head are OpenAI-shaped JSON.
-
-    A request line or header block over C{head_limit} bytes gets a 414 or 431 (twisted.web
-    itself answers a bare 400 or just closes). A client that takes longer than C{head_timeout}
-    seconds to send a request line and headers gets a 408, however it trickles its bytes (the
-    Site's idle timeout only catches a silent one). Each refusal ends the connection; what the
-    client still sends is read and dropped for up to C{linger_timeout} seconds first.
-    """
-
-    head_limit = MAX_HEAD_BYTES
-    head_timeout: Optional[float] = IDLE_TIMEOUT
-    MAX_LENGTH = MAX_HEAD_BYTES
-    totalHeadersSize = MAX_HEAD_BYTES + 1024
-
-    #: Seconds a refused client may go on sending before the connection is aborted.
-    linger_timeout = 2.0
-
-    _head_bytes = 0
-    _head_deadline = None
-    _in_head = False
-    _linger = None
-    _refused = False
-
-    def lineReceived(self, line):
-        if self._refused:
-            return
-        first = self._head_bytes == 0
-        if first and self.head_timeout is not None:
-            self._start_head_deadline()
-        self._head_bytes += len(line) + 2
-        if self._head_bytes > self.head_limit:
-            self._refuse_head(first)
-            return
-        super().lineReceived(line)
-
-    def lineLengthExceeded(self, line):
-        self._refuse_head(self._head_bytes == 0)
-
-    def allHeadersReceived(self):
-        self._head_bytes = 0
-        self._in_head = False
-        super().allHeadersReceived()
-
-    def _start_head_deadline(self) -> None:
-        # One timer per connection, pushed back at each request head: cheaper than a new
-        # timer per request on a kept-alive connection. It fires harmlessly between heads.
-        self._in_head = True
-        deadline = self._head_deadline
-        if deadline is not None and deadline.active():
-            deadline.reset(self.head_timeout)
-        else:
-            self._head_deadline = self.callLater(self.head_timeout, self._head_too_slow)
-
-    def rawDataReceived(self, data):
-        if not self._refused:
-            super().rawDataReceived(data)
-
-    # The idle timeout: twisted.web suspends it while each request is processed by cancelling
-    # its timer and makes a new one when the request is done. Here one timer per connection
-    # is pushed back instead; one that fires while suspended does nothing.
-
-    _idle_call = None
-
-    def setTimeout(self, period):
-        previous, self.timeOut = self.timeOut, period
-        if period is not None:
-            call = self._idle_call
-            if call is not None and call.active():
-                call.reset(period)
-            else:
-                self._idle_call = self.callLater(period, self._idle_expired)
-        return previous
-
-    def resetTimeout(self):
-        call = self._idle_call
-        if call is not None and self.timeOut is not None and call.active():
-            call.reset(self.timeOut)
-
-    def _idle_expired(self) -> None:
-        self._idle_call = None
-        if self.timeOut is not None:
-            self.timeoutConnection()
-
-    def connectionLost(self, reason):
-        self._cancel_deadline()
-        idle, self._idle_call = self._idle_call, None
-        if idle is not None and idle.active():
-            idle.cancel()
-        linger, self._linger = self._linger, None
-        if linger is not None and linger.active():
-            linger.cancel()
-        super().connectionLost(reason)
-
-    def _cancel_deadline(self) -> None:
-        deadline, self._head_deadline = self._head_deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
-
-    def _refuse_head(self, request_line: bool) -> None:
-        if request_line:
-            self.refuse(RequestLineTooLong(
-                f"request line is longer than {self.head_limit} bytes"))
-        else:
-            self.refuse(HeadTooLarge(
-                f"request line and headers are larger than {self.head_limit} bytes"))
-
-    def _head_too_slow(self) -> None:
-        self._head_deadline = None
-        if not self._in_head:
-            return
-        self.refuse(HeadTimeout(
-            f"request line and headers not received within {self.head_timeout:g} s"))
-
-    def refuse(self, error: NodeError) -> None:
-        """Answer C{error} as JSON outside any request and close the connection."""
-        if self._refused:
-            return
-        self._refused = True
-        self._cancel_deadline()
-        body = error.body()
-        reason = _REASONS.get(error.status, b"Error")
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (error.status, reason, len(body), body))
-        half_close = getattr(self.transport, "loseWriteConnection", None)
-        if half_close is None:
-            self.loseConnection()
-            return
-        # Closing at once with unread input would reset the connection and could destroy the
-        # answer before the client reads it: end the answer, then read and drop what the
-        # client still sends, for a while.
-        half_close()
-        self._linger = self.callLater(self.linger_timeout, self.transport.abortConnection)
-
-
-def harden_site(site, *, idle_timeout: float = IDLE_TIMEOUT,
-                head_timeout: Optional[float] = None) -> None:
-    """Make C{site} drop idle connections after C{idle_timeout} s and use L{NodeChannel}.
-
-    @param head_timeout: seconds allowed for a request line and headers; default
-        C{idle_timeout}.
-    """
-    site.timeOut = idle_timeout
-    limit = idle_timeout if head_timeout is None else head_timeout
-    site.protocol = type("NodeChannel", (NodeChannel,), {"head_timeout": limit})

@@ -9,9 +9,9 @@ Mounting (see L{mount})::
     v1 = V1Resource(node, http, clock, program)
     root.putChild(b"v1", v1)
     root.putChild(b"rerank", v1.rerank)
-    Site(root, requestFactory=bounded_request_factory(max_body_bytes(program.max_body_mb)))
+    NodeSite(root, max_body_bytes=max_body_bytes(program.max_body_mb))
 
-The request factory is optional: without it the limit still holds (413), but twisted.web will
+Any twisted.web Site serves it too; the limit still holds there (413), but twisted.web will
 have buffered the whole oversized body before the proxy sees it.
 """
 
@@ -42,7 +42,7 @@ from llmnode.web.common import (
     routing_fields,
 )
 from llmnode.web.models import ModelsResource
-from llmnode.web.relay import StreamRelay, end_to_end
+from llmnode.web.relay import StreamRelay, forwarded_headers
 
 log = Logger()
 
@@ -205,14 +205,20 @@ class Exchange:
         self._program = program
         self._headers_late = False
         self._sending = False
-        self._header_timer: Optional[IDelayedCall] = None
         self._work: Optional[Deferred] = None
         self.streaming = False
         self._loading: Optional[LoadingComments] = None
 
     def start(self) -> None:
         self._pending.on_gone(self._client_gone)
-        self._work = Deferred.fromCoroutine(self._run())
+        runtime = self._runtime
+        if runtime.state == "running" and runtime.try_admit():
+            # The common case, without a coroutine: the model is up and has a free slot.
+            self._pending.on_end(lambda _: runtime.leave())
+            self._work = self._send(*runtime.address)
+            self._work.addCallbacks(self._deliver, self._send_failed)
+        else:
+            self._work = Deferred.fromCoroutine(self._run())
         self._work.addErrback(self._crashed)
 
     def _crashed(self, failure) -> None:
@@ -238,21 +244,46 @@ class Exchange:
             try:
                 response = await self._send(host, port)
             except BackendRefused:
-                # The backend died a moment ago and the node has not seen its exit yet. Nothing
-                # of this request reached it: once the crash is noticed, start it and try again.
-                if not await self._backend_noticed_gone():
-                    raise
-                host, port = await self._wait_ready()
-                response = await self._send(host, port)
+                response = await self._after_refused()
         except Exception as e:
-            if not self._pending.open:
-                return
-            error = self._as_node_error(e)
-            if self._loading is not None and self._loading.stop():
-                self._loading.send_error(error)
-            else:
-                self._pending.send_error(error)
+            self._fail(e)
             return
+        self._deliver(response)
+
+    def _send_failed(self, failure) -> Optional[Deferred]:
+        if not failure.check(BackendRefused):
+            self._fail(failure.value)
+            return None
+        self._work = Deferred.fromCoroutine(self._retry())
+        return self._work
+
+    async def _retry(self) -> None:
+        try:
+            response = await self._after_refused()
+        except Exception as e:
+            self._fail(e)
+            return
+        self._deliver(response)
+
+    async def _after_refused(self):
+        """The backend refused the connection: it died a moment ago and the node has not
+        seen its exit yet. Nothing of this request reached it: once the crash is noticed,
+        start it and try again."""
+        if not await self._backend_noticed_gone():
+            raise BackendRefused()
+        host, port = await self._wait_ready()
+        return await self._send(host, port)
+
+    def _fail(self, error: Exception) -> None:
+        if not self._pending.open:
+            return
+        error = self._as_node_error(error)
+        if self._loading is not None and self._loading.stop():
+            self._loading.send_error(error)
+        else:
+            self._pending.send_error(error)
+
+    def _deliver(self, response) -> None:
         if not self._pending.open:
             response.deliverBody(_Discard())
             return
@@ -289,22 +320,25 @@ class Exchange:
         ready.chainDeferred(mine)
         return mine
 
-    async def _send(self, host: str, port: int):
+    def _send(self, host: str, port: int) -> Deferred:
+        """Send the request; fires with the backend's response once its headers arrived
+        (within C{backend_header_timeout})."""
         self._sending = True
         request = self._pending.request
         target = request.uri if request.uri.startswith(b"/") else request.path
         url = backend_url(host, port, target)
-        headers = end_to_end(request.requestHeaders, _REQUEST_DROP)
+        headers = forwarded_headers(request, _REQUEST_DROP)
         sending = self._http.request(
             request.method.decode("ascii"), url, headers=headers, data=self._body,
             cookies=_NO_COOKIES, allow_redirects=False, unbuffered=True)
-        self._header_timer = self._clock.callLater(
+        timer = self._clock.callLater(
             self._program.backend_header_timeout, self._too_late, sending)
-        try:
-            return await sending
-        finally:
-            if self._header_timer.active():
-                self._header_timer.cancel()
+
+        def arrived(result):
+            if timer.active():
+                timer.cancel()
+            return result
+        return sending.addBoth(arrived)
 
     def _too_late(self, sending: Deferred) -> None:
         self._headers_late = True

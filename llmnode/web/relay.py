@@ -44,6 +44,24 @@ def end_to_end_items(headers: Headers, also_drop: frozenset = frozenset()):
             if name.lower() not in dropped]
 
 
+def forwarded_headers(request, also_drop: frozenset = frozenset()) -> Headers:
+    """The end-to-end headers of a client's request (see L{end_to_end}), read from the raw
+    pairs of a L{llmnode.web.server.NodeRequest} without building a C{Headers} for them."""
+    pairs = getattr(request, "header_items", None)
+    if pairs is None:
+        return end_to_end(request.requestHeaders, also_drop)
+    pairs = pairs()
+    dropped = HOP_BY_HOP | also_drop
+    for name, value in pairs:
+        if name.lower() == b"connection":
+            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
+    kept = Headers()
+    for name, value in pairs:
+        if name.lower() not in dropped:
+            kept.addRawHeader(name, value)
+    return kept
+
+
 #: Response headers the relay sets itself.
 _NOT_RELAYED = frozenset({b"content-length"})
 

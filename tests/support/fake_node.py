@@ -78,6 +78,14 @@ class FakeRuntime:
         self.admitted += 1
         return succeed(None)
 
+    def try_admit(self) -> bool:
+        self.admitted += 1
+        return True
+
+    @property
+    def address(self):
+        return self._address
+
     def leave(self) -> None:
         self.left += 1
 

@@ -13,6 +13,8 @@ from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
+from llmnode.web.server import NodeSite
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
@@ -59,6 +61,10 @@ class TrackedSite(Site):
 def listen(testcase, resource, **site_kwargs) -> tuple[TrackedSite, int]:
     """Serve C{resource} on 127.0.0.1:0 until the test ends; return the site and its port."""
     site = TrackedSite(resource, **site_kwargs)
+    return site, _serve(testcase, site)
+
+
+def _serve(testcase, site) -> int:
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
 
     async def close():
@@ -66,7 +72,14 @@ def listen(testcase, resource, **site_kwargs) -> tuple[TrackedSite, int]:
         await site.close_all()
 
     testcase.addCleanup(lambda: Deferred.fromCoroutine(close()))
-    return site, port.getHost().port
+    return port.getHost().port
+
+
+def listen_node(testcase, resource, *, max_body_bytes=None) -> tuple[NodeSite, int]:
+    """Serve C{resource} with the node's own server (L{NodeSite}) on 127.0.0.1:0 until the
+    test ends; return the site and its port."""
+    site = NodeSite(resource, max_body_bytes=max_body_bytes)
+    return site, _serve(testcase, site)
 
 
 def http_client(testcase) -> HTTPClient:

@@ -6,16 +6,15 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 
 from llmnode.config import Program
-from llmnode.web.common import bounded_request_factory, max_body_bytes
+from llmnode.web.common import max_body_bytes
 from llmnode.web.proxy import mount
 from tests.support.fake_node import FakeNode
-from tests.support.net import http_client, listen
+from tests.support.net import http_client, listen_node
 
 
 def serve_proxy(testcase, runtimes, program: Program = Program()) -> int:
     """Listen with the proxy (at C{/v1} and C{/rerank}) for C{runtimes}; return the port."""
     root = Resource()
     mount(root, FakeNode(runtimes), http_client(testcase), reactor, program)
-    factory = bounded_request_factory(max_body_bytes(program.max_body_mb))
-    _, port = listen(testcase, root, requestFactory=factory)
+    _, port = listen_node(testcase, root, max_body_bytes=max_body_bytes(program.max_body_mb))
     return port

@@ -1,0 +1,645 @@
+"""The node's HTTP/1.1 server: requests parsed with C{httptools}, routed through the Resource tree.
+
+twisted.web's C{HTTPChannel} and C{Request} cost about 40 µs of CPU per request here (a line
+parser in Python, a C{Headers} object per side, argument parsing, a timer per request); a
+proxied chat request is otherwise a few tens of µs. This server keeps the part of twisted.web
+the node is built on, the C{Resource} tree (C{getChildForRequest}, C{render}, C{NOT_DONE_YET})
+and the request methods its resources use, and does the HTTP itself:
+
+- the request head and body are parsed by C{httptools} (llhttp); headers stay a list of
+  byte pairs until someone asks for a C{Headers} object;
+- the body is kept in memory up to C{max_body_bytes}; beyond that it is read and dropped, and
+  the resource answers 413 (L{read_body});
+- one timer per connection covers both the idle timeout (suspended while a request is being
+  answered, so a long stream is never cut for idleness) and the time allowed for a request
+  head (408), pushed along by timestamps rather than rescheduled per request;
+- a head over C{head_limit} bytes gets 414 (request line) or 431 (headers), malformed HTTP a
+  400, all as OpenAI-shaped JSON, and the connection ends after the answer;
+- pipelined requests are answered in order: while one is answered, the next ones wait parsed
+  and reading from the socket is paused;
+- responses without a C{Content-Length} are chunked (HTTP/1.1) or end with the connection
+  (HTTP/1.0); C{Expect: 100-continue} is answered.
+
+No access-log line is written per request (C{/metrics} counts requests).
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from typing import Any, Optional
+from urllib.parse import parse_qs, unquote_to_bytes
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
+from twisted.web.http_headers import Headers
+from twisted.web.resource import getChildForRequest
+from twisted.web.server import NOT_DONE_YET
+
+from llmnode.errors import BadRequest, MethodNotAllowed, NodeError
+from llmnode.web.common import (
+    IDLE_TIMEOUT, MAX_HEAD_BYTES, HeadTimeout, HeadTooLarge, RequestLineTooLong, SocketWriter,
+    render_error)
+
+log = Logger()
+
+_REASONS = {code: phrase for code, phrase in RESPONSES.items()}
+_NO_BODY_CODES = frozenset({204, 304})
+
+
+class _DateCache:
+    """The C{Date} header value, formatted once a second."""
+
+    second = -1
+    value = b""
+
+    def now(self) -> bytes:
+        second = int(time.time())
+        if second != self.second:
+            self.second = second
+            self.value = formatdate(second, usegmt=True).encode("ascii")
+        return self.value
+
+
+_date = _DateCache()
+
+
+class ResponseHeaders:
+    """The response headers: the part of C{twisted.web.http_headers.Headers} that resources
+    use, kept as a dict of lower-case names to C{(name, values)}."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self):
+        self._items: dict = {}
+
+    def setRawHeaders(self, name, values) -> None:
+        name = _as_bytes(name)
+        self._items[name.lower()] = (name, [_as_bytes(v) for v in values])
+
+    def addRawHeader(self, name, value) -> None:
+        name = _as_bytes(name)
+        entry = self._items.get(name.lower())
+        if entry is None:
+            self._items[name.lower()] = (name, [_as_bytes(value)])
+        else:
+            entry[1].append(_as_bytes(value))
+
+    def getRawHeaders(self, name, default=None):
+        entry = self._items.get(_as_bytes(name).lower())
+        return default if entry is None else list(entry[1])
+
+    def hasHeader(self, name) -> bool:
+        return _as_bytes(name).lower() in self._items
+
+    def removeHeader(self, name) -> None:
+        self._items.pop(_as_bytes(name).lower(), None)
+
+    def getAllRawHeaders(self):
+        return iter(self._items.values())
+
+
+def _as_bytes(value) -> bytes:
+    return value.encode("latin-1") if isinstance(value, str) else value
+
+
+class NodeRequest:
+    """One HTTP request, with the methods of C{twisted.web.server.Request} that the node's
+    resources use (C{method}, C{uri}, C{path}, C{args}, C{prepath}/C{postpath},
+    C{getHeader}, C{requestHeaders}, C{content}, C{setResponseCode}, C{setHeader},
+    C{responseHeaders}, C{write}, C{finish}, C{notifyFinish}, C{registerProducer},
+    C{getClientAddress}).
+
+    @ivar raw_body: the body as received (empty when it went over the limit).
+    @ivar body_too_large: the body went, or was announced to go, over the limit.
+    """
+
+    def __init__(self, channel: "NodeChannel", method: bytes, uri: bytes, version: bytes,
+                 headers: list, raw_body: bytes, body_too_large: bool, keep_alive: bool):
+        self.channel = channel
+        self.transport = channel.transport
+        self.site = channel.factory
+        self.method = method
+        self.uri = uri
+        self.clientproto = version
+        self._raw_headers = headers
+        self._headers: Optional[Headers] = None
+        self.raw_body = raw_body
+        self.body_too_large = body_too_large
+        self.keep_alive = keep_alive
+        path, _, self._query = uri.partition(b"?")
+        self.path = path
+        self.prepath: list = []
+        self.postpath = [unquote_to_bytes(segment) for segment in path[1:].split(b"/")]
+        self._args = None
+        self._content = None
+        self.code = 200
+        self.code_message = b"OK"
+        self.responseHeaders = ResponseHeaders()
+        self.startedWriting = False
+        self.finished = False
+        self.gone = False
+        self._chunked = False
+        self._finish_waiters: Optional[list] = None
+        self._producer = None
+
+    # -- what arrived -----------------------------------------------------------------------
+
+    @property
+    def args(self) -> dict:
+        if self._args is None:
+            self._args = parse_qs(self._query, keep_blank_values=True) if self._query else {}
+        return self._args
+
+    @property
+    def requestHeaders(self) -> Headers:
+        """The request headers as a C{Headers} object (made on first use)."""
+        if self._headers is None:
+            headers = Headers()
+            for name, value in self._raw_headers:
+                headers.addRawHeader(name, value)
+            self._headers = headers
+        return self._headers
+
+    def header_items(self) -> list:
+        """The request headers as C{(name, value)} pairs, in arrival order (changes made
+        through L{requestHeaders} included)."""
+        if self._headers is None:
+            return self._raw_headers
+        return [(name, value) for name, values in self._headers.getAllRawHeaders()
+                for value in values]
+
+    def getHeader(self, name) -> Optional[bytes]:
+        if self._headers is not None:
+            values = self._headers.getRawHeaders(name)
+            return values[-1] if values else None
+        wanted = _as_bytes(name).lower()
+        found = None
+        for key, value in self._raw_headers:
+            if key.lower() == wanted:
+                found = value
+        return found
+
+    @property
+    def content(self):
+        """The body as a file (twisted.web's C{request.content})."""
+        if self._content is None:
+            import io
+            self._content = io.BytesIO(self.raw_body)
+        return self._content
+
+    def getClientAddress(self):
+        return self.transport.getPeer()
+
+    getPeer = getClientAddress
+
+    def getHost(self):
+        return self.transport.getHost()
+
+    def isSecure(self) -> bool:
+        return False
+
+    # -- the answer -------------------------------------------------------------------------
+
+    def setResponseCode(self, code: int, message: Optional[bytes] = None) -> None:
+        if self.startedWriting:
+            return
+        self.code = code
+        self.code_message = message or _REASONS.get(code, b"Unknown Status")
+
+    def setHeader(self, name, value) -> None:
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def write(self, data: bytes) -> None:
+        if self.finished or self.gone:
+            return
+        if not self.startedWriting:
+            self.startedWriting = True
+            head = self._head()
+            if self.method == b"HEAD":
+                self.channel.send(head)
+            elif self._chunked:
+                self.channel.send(head + b"%x\r\n%s\r\n" % (len(data), data) if data else head)
+            else:
+                self.channel.send(head + data)
+            return
+        if not data or self.method == b"HEAD":
+            return
+        if self._chunked:
+            self.channel.send(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.channel.send(data)
+
+    def _head(self) -> bytes:
+        items = self.responseHeaders._items
+        lines = [b"HTTP/1.1 %d %s" % (self.code, self.code_message)]
+        for name, values in items.values():
+            for value in values:
+                lines.append(name + b": " + value)
+        if b"content-length" not in items and self.code not in _NO_BODY_CODES:
+            if self.clientproto == b"HTTP/1.1":
+                self._chunked = self.method != b"HEAD"
+                if self._chunked:
+                    lines.append(b"Transfer-Encoding: chunked")
+            else:
+                self.keep_alive = False
+        if b"date" not in items:
+            lines.append(b"Date: " + _date.now())
+        if not self.keep_alive:
+            lines.append(b"Connection: close")
+        lines.append(b"\r\n")
+        return b"\r\n".join(lines)
+
+    def finish(self) -> None:
+        if self.finished or self.gone:
+            return
+        if not self.startedWriting:
+            if (b"content-length" not in self.responseHeaders._items
+                    and self.code not in _NO_BODY_CODES):
+                self.responseHeaders.setRawHeaders(b"Content-Length", [b"0"])
+            self.write(b"")
+        elif self._chunked:
+            self.channel.send(b"0\r\n\r\n")
+        self.finished = True
+        waiters, self._finish_waiters = self._finish_waiters, None
+        if waiters:
+            for waiter in waiters:
+                waiter.callback(None)
+        self.channel.request_done(self)
+
+    def notifyFinish(self) -> Deferred:
+        """Fires None once the response is finished, or fails if the connection is lost
+        first."""
+        if self.finished:
+            return succeed(None)
+        waiter: Deferred = Deferred()
+        if self.gone:
+            waiter.errback(Failure(ConnectionLost("the client went away")))
+            return waiter
+        if self._finish_waiters is None:
+            self._finish_waiters = []
+        self._finish_waiters.append(waiter)
+        return waiter
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self._producer = producer
+        if not self.gone:
+            self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self._producer is not None:
+            self._producer = None
+            if not self.gone:
+                self.transport.unregisterProducer()
+
+    def connection_lost(self, reason: Failure) -> None:
+        """The connection ended before this request was finished."""
+        if self.finished or self.gone:
+            return
+        self.gone = True
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.stopProducing()
+        waiters, self._finish_waiters = self._finish_waiters, None
+        for waiter in waiters or ():
+            waiter.errback(reason)
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def process(self) -> None:
+        """Find the resource for this request and render it (twisted.web's C{process})."""
+        try:
+            resource = getChildForRequest(self.site.resource, self)
+            body = resource.render(self)
+        except Exception as e:
+            self._failed(e)
+            return
+        if body is NOT_DONE_YET:
+            return
+        if not isinstance(body, bytes):
+            self._failed(TypeError(f"{resource!r} rendered {type(body).__name__}, not bytes"))
+            return
+        self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        self.write(body)
+        self.finish()
+
+    def _failed(self, error: Exception) -> None:
+        allowed = getattr(error, "allowedMethods", None)
+        if allowed is not None:
+            names = [m.decode("ascii") for m in allowed]
+            self.setHeader(b"Allow", ", ".join(names).encode("ascii"))
+            answer: NodeError = MethodNotAllowed(
+                f"{self.method.decode('ascii', 'replace')} is not allowed on "
+                f"{self.path.decode('utf-8', 'replace')[:200]}; use {' or '.join(names)}")
+        else:
+            log.failure("rendering {path} failed", Failure(error),
+                        path=self.path.decode("utf-8", "replace")[:200])
+            answer = NodeError("internal error")
+        if self.startedWriting:
+            self.transport.loseConnection()
+            return
+        self.responseHeaders = ResponseHeaders()
+        body = render_error(self, answer)
+        self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        self.write(body)
+        self.finish()
+
+
+class NodeChannel(Protocol):
+    """One client connection (see the module's docstring)."""
+
+    #: Seconds a refused (or timed-out) client may go on sending before the connection is
+    #: aborted.
+    linger_timeout = 2.0
+
+    def __init__(self, factory: "NodeSite"):
+        self.factory = factory
+        self._clock = factory.clock
+        self._parser = HttpRequestParser(self)
+        self._current: Optional[NodeRequest] = None
+        self._waiting: list = []
+        self._paused = False
+        self._closing = False
+        self._refused = False
+        self._timer = None
+        self._abort_timer = None
+        self._last_activity = 0.0
+        self._in_head = False
+        self._head_began = 0.0
+        self._head_bytes = 0
+        self._head_raw = 0
+        self._ended_in_chunk = False
+        self._in_url = False
+        self.send = None
+        self.llmnode_no_delay = False
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self._url = b""
+        self._headers: list = []
+        self._name = b""
+        self._body: list = []
+        self._body_bytes = 0
+        self._too_large = False
+
+    # -- the connection ---------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.factory.channels.add(self)
+        # Each response goes out in as few writes as it has parts: Nagle's algorithm would
+        # only hold the last part of a stream back.
+        try:
+            self.transport.setTcpNoDelay(True)
+            self.llmnode_no_delay = True
+        except Exception:
+            pass
+        self.send = SocketWriter(self.transport).write
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused or self._closing:
+            return
+        self._last_activity = self._clock.seconds()
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade:
+            self._refuse(BadRequest("protocol upgrades are not supported"))
+            return
+        except HttpParserError as e:
+            if not self._refused:
+                self._refuse(BadRequest(f"malformed HTTP request: {e}"))
+            return
+        if self._in_head and not self._ended_in_chunk:
+            # httptools keeps a header's bytes until the header is complete: bound what a
+            # single endless header can make it hold. (A chunk that also ended a message is
+            # not counted: its start belongs to that message.)
+            self._head_raw += len(data)
+            if self._in_url and b"\n" in data:
+                self._in_url = False
+            if self._head_raw > self.factory.head_limit:
+                self._head_too_large()
+        self._ended_in_chunk = False
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.factory.channels.discard(self)
+        for name in ("_timer", "_abort_timer"):
+            call = getattr(self, name)
+            setattr(self, name, None)
+            if call is not None and call.active():
+                call.cancel()
+        current, self._current = self._current, None
+        self._waiting = []
+        if current is not None:
+            current.connection_lost(Failure(ConnectionLost(str(reason.value))))
+        lost = self.factory.lost_waiters.pop(self, None)
+        if lost is not None:
+            lost.callback(None)
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._in_url = True
+        self._head_bytes = 0
+        self._head_raw = 0
+        self._head_began = self._last_activity
+        if self._timer is None:
+            self._schedule(self._last_activity)
+        elif self._timer.getTime() > self._head_began + self.factory.head_timeout:
+            self._timer.reset(self.factory.head_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._in_url = False
+        self._headers.append((name, value))
+        self._count_head(len(name) + len(value) + 4)
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.factory.head_limit:
+            self._head_too_large()
+            raise HttpParserError("request head too large")
+
+    def _head_too_large(self) -> None:
+        if self._refused:
+            return
+        self._in_head = False
+        limit = self.factory.head_limit
+        if self._in_url:
+            self._refuse(RequestLineTooLong(f"request line is longer than {limit} bytes"))
+        else:
+            self._refuse(HeadTooLarge(f"request line and headers are larger than {limit} bytes"))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        limit = self.factory.max_body_bytes
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                if limit is not None and value.strip().isdigit() and int(value) > limit:
+                    self._too_large = True
+            elif lower == b"expect" and value.lower() == b"100-continue":
+                if parser.get_http_version() == "1.1" and not self._too_large:
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        self._body_bytes += len(data)
+        limit = self.factory.max_body_bytes
+        if limit is not None and self._body_bytes > limit:
+            self._too_large = True
+            self._body = []
+            return
+        self._body.append(data)
+
+    def on_message_complete(self) -> None:
+        self._ended_in_chunk = True
+        if self._closing or self._refused:
+            return
+        parser = self._parser
+        body = self._body
+        request = NodeRequest(
+            self, parser.get_method(), self._url,
+            b"HTTP/" + parser.get_http_version().encode("ascii"), self._headers,
+            body[0] if len(body) == 1 else b"".join(body), self._too_large,
+            parser.should_keep_alive())
+        self._reset_message()
+        if self._current is None:
+            self._start(request)
+        else:
+            self._waiting.append(request)
+            if not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _start(self, request: NodeRequest) -> None:
+        self._current = request
+        request.process()
+
+    def request_done(self, request: NodeRequest) -> None:
+        """L{NodeRequest.finish} was called: end the connection, or go on with the next
+        request."""
+        if request is not self._current:
+            return
+        self._current = None
+        self._last_activity = self._clock.seconds()
+        if not request.keep_alive:
+            self._closing = True
+            self._waiting = []
+            self.transport.loseConnection()
+            return
+        if self._waiting:
+            self._start(self._waiting.pop(0))
+            return
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        if self._timer is None:
+            self._schedule(self._last_activity)
+
+    # -- timeouts and refusals --------------------------------------------------------------
+
+    def _schedule(self, now: float) -> None:
+        if self._current is not None:
+            return
+        deadline = self._last_activity + self.factory.idle_timeout
+        if self._in_head:
+            deadline = min(deadline, self._head_began + self.factory.head_timeout)
+        self._timer = self._clock.callLater(max(0.0, deadline - now), self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self._refused or self._closing:
+            return
+        now = self._clock.seconds()
+        factory = self.factory
+        if self._current is not None:
+            return
+        if now - self._last_activity >= factory.idle_timeout:
+            # Silent for the whole idle timeout (also halfway through a request head).
+            self._closing = True
+            self.transport.loseConnection()
+            self._abort_timer = self._clock.callLater(
+                self.linger_timeout, self.transport.abortConnection)
+            return
+        if self._in_head and now - self._head_began >= factory.head_timeout:
+            self._refuse(HeadTimeout(
+                f"request line and headers not received within {factory.head_timeout:g} s"))
+            return
+        self._schedule(now)
+
+    def _refuse(self, error: NodeError) -> None:
+        """Answer C{error} as JSON outside any request, then end the connection (reading and
+        dropping what the client still sends for a while, so that the answer is not lost to
+        a reset)."""
+        if self._refused:
+            return
+        self._refused = True
+        body = error.body()
+        reason = _REASONS.get(error.status, b"Error")
+        transport = self.transport
+        if self._current is None:
+            transport.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (error.status, reason, len(body), body))
+        if self._paused:
+            self._paused = False
+            transport.resumeProducing()
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is None or self._current is not None:
+            transport.loseConnection()
+        else:
+            half_close()
+        self._abort_timer = self._clock.callLater(self.linger_timeout,
+                                                  transport.abortConnection)
+
+
+class NodeSite(ServerFactory):
+    """Serves C{resource} (a twisted.web Resource tree) with L{NodeChannel}.
+
+    @param max_body_bytes: request bodies over this are not kept (413 from the resource).
+    @param idle_timeout: seconds a connection may stay silent between requests.
+    @param head_timeout: seconds allowed for a request line and headers (default
+        C{idle_timeout}).
+    @param clock: C{callLater}/C{seconds} provider (the reactor).
+    """
+
+    noisy = False
+    head_limit = MAX_HEAD_BYTES
+
+    def __init__(self, resource, *, max_body_bytes: Optional[int] = None,
+                 idle_timeout: float = IDLE_TIMEOUT, head_timeout: Optional[float] = None,
+                 clock: Any = None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.resource = resource
+        self.max_body_bytes = max_body_bytes
+        self.idle_timeout = idle_timeout
+        self.head_timeout = idle_timeout if head_timeout is None else head_timeout
+        self.clock = clock
+        self.channels: set = set()
+        self.lost_waiters: dict = {}
+
+    def buildProtocol(self, addr) -> NodeChannel:
+        return NodeChannel(self)
+
+    def close_all(self) -> Deferred:
+        """Abort every open connection; fire once all are gone."""
+        waiting = []
+        for channel in list(self.channels):
+            lost: Deferred = Deferred()
+            self.lost_waiters[channel] = lost
+            waiting.append(lost)
+            channel.transport.abortConnection()
+        return DeferredList(waiting) if waiting else succeed(None)
