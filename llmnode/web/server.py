@@ -329,6 +329,8 @@ class NodeRequest:
         self.finish()
 
     def _failed(self, error: Exception) -> None:
+        if not self.startedWriting:
+            self.responseHeaders = ResponseHeaders()
         allowed = getattr(error, "allowedMethods", None)
         if allowed is not None:
             names = [m.decode("ascii") for m in allowed]
@@ -343,7 +345,6 @@ class NodeRequest:
         if self.startedWriting:
             self.transport.loseConnection()
             return
-        self.responseHeaders = ResponseHeaders()
         body = render_error(self, answer)
         self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         self.write(body)
@@ -366,6 +367,7 @@ class NodeChannel(Protocol):
         self._paused = False
         self._closing = False
         self._refused = False
+        self._last_read = False
         self._timer = None
         self._abort_timer = None
         self._last_activity = 0.0
@@ -401,16 +403,18 @@ class NodeChannel(Protocol):
         self.send = SocketWriter(self.transport).write
 
     def dataReceived(self, data: bytes) -> None:
-        if self._refused or self._closing:
+        if self._refused or self._closing or self._last_read:
             return
         self._last_activity = self._clock.seconds()
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade:
-            self._refuse(BadRequest("protocol upgrades are not supported"))
+            # Upgrade (h2c, websocket) is not offered: the request is answered as a plain
+            # one (a server may ignore Upgrade), and it is the connection's last.
+            self._stop_reading()
             return
         except HttpParserError as e:
-            if not self._refused:
+            if not (self._refused or self._last_read):
                 self._refuse(BadRequest(f"malformed HTTP request: {e}"))
             return
         if self._in_head and not self._ended_in_chunk:
@@ -488,7 +492,7 @@ class NodeChannel(Protocol):
                     self._too_large = True
             elif lower == b"expect" and value.lower() == b"100-continue":
                 if parser.get_http_version() == "1.1" and not self._too_large:
-                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, data: bytes) -> None:
         if self._too_large:
@@ -503,9 +507,12 @@ class NodeChannel(Protocol):
 
     def on_message_complete(self) -> None:
         self._ended_in_chunk = True
-        if self._closing or self._refused:
+        if self._closing or self._refused or self._last_read:
             return
         parser = self._parser
+        if not parser.should_keep_alive():
+            # Nothing after a request that ends the connection is read (RFC 9112 9.6).
+            self._last_read = True
         body = self._body
         request = NodeRequest(
             self, parser.get_method(), self._url,
@@ -520,6 +527,17 @@ class NodeChannel(Protocol):
             if not self._paused:
                 self._paused = True
                 self.transport.pauseProducing()
+
+    def _stop_reading(self) -> None:
+        """Read no more requests on this connection: end it once what was read is answered."""
+        self._last_read = True
+        if self._waiting:
+            self._waiting[-1].keep_alive = False
+        elif self._current is not None:
+            self._current.keep_alive = False
+        else:
+            self._closing = True
+            self.transport.loseConnection()
 
     # -- requests ---------------------------------------------------------------------------
 
