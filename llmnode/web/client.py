@@ -23,8 +23,7 @@ from typing import Optional
 
 from httptools import HttpParserError, HttpResponseParser
 from hyperlink import EncodedURL
-from treq.client import HTTPClient, _BufferedResponse
-from treq.response import _Response
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IPushProducer
@@ -102,28 +101,27 @@ class BackendClient(HTTPClient):
     (which also adds C{Accept-Encoding: gzip} to what the backend receives), about 20 µs of CPU
     a request and all of it wrong for a proxy: a proxy relays the backend's bytes and
     redirects as they are and keeps no cookies. A request made with C{allow_redirects=False}
-    to a L{BackendURL}, with a cookie jar that keeps nothing (L{NoCookies}, also for the
-    client) and no treq extras (C{params}, C{files}, C{json}, C{auth}, C{timeout}), goes
-    straight to the agent; its answer is still treq's response object. Every other request
-    is treq's own.
+    and C{unbuffered=True} to a L{BackendURL}, with a cookie jar that keeps nothing
+    (L{NoCookies}, also for the client), bytes or no data, and no treq extras (C{params},
+    C{files}, C{json}, C{auth}, C{timeout}), goes straight to the agent, and its answer is the
+    agent's C{IResponse} itself (read it with C{treq.content}, C{treq.collect} or
+    C{deliverBody}; treq's wrapper would add only its convenience methods, at a cost on every
+    attribute read). Every other request is treq's own.
     """
 
     def request(self, method, url, *, headers=None, data=None, cookies=None,
                 allow_redirects=True, unbuffered=False, **extras):
-        if (allow_redirects or extras or type(url) is not BackendURL
-                or not isinstance(self._cookiejar, NoCookies)
+        if (type(url) is not BackendURL or allow_redirects or not unbuffered or extras
+                or not (data is None or type(data) is bytes)
+                or not (headers is None or type(headers) is Headers)
                 or not (cookies is None or isinstance(cookies, NoCookies))
-                or not (headers is None or isinstance(headers, Headers))
-                or not (data is None or isinstance(data, bytes))):
+                or not isinstance(self._cookiejar, NoCookies)):
             return super().request(method, url, headers=headers, data=data, cookies=cookies,
                                    allow_redirects=allow_redirects, unbuffered=unbuffered,
                                    **extras)
-        sending = self._agent.request(
+        return self._agent.request(
             method.encode("ascii").upper(), url.to_text().encode("ascii"),
             Headers() if headers is None else headers, BytesBody(data) if data else None)
-        if not unbuffered:
-            sending.addCallback(_BufferedResponse)
-        return sending.addCallback(_Response, self._cookiejar)
 
 
 def make_client(reactor, *, cookiejar=None, connect_timeout: float = 10.0
@@ -366,22 +364,43 @@ class BackendResponse:
 
     The body protocol's transport is a L{_BodyTransport}: pausing it pauses reading from the
     backend, stopping it closes the backend connection.
+
+    @ivar raw_headers: the headers as C{(name, value)} pairs, as received (C{headers}, the
+        C{Headers} object, is made from them on first use).
     """
 
     version = (b"HTTP", 1, 1)
     previousResponse = None
 
-    def __init__(self, info: tuple, code: int, phrase: bytes, headers: Headers, length,
+    def __init__(self, info: tuple, code: int, phrase: bytes, raw_headers: list, length,
                  connection: "_Connection"):
         self._info = info
         self.code = code
         self.phrase = phrase
-        self.headers = headers
+        self.raw_headers = raw_headers
+        self._headers: Optional[Headers] = None
         self.length = length
         self._connection: Optional[_Connection] = connection
         self._protocol = None
         self._buffer: list[bytes] = []
         self._end: Optional[Failure] = None
+        self._complete = False
+
+    @property
+    def headers(self) -> Headers:
+        if self._headers is None:
+            headers = Headers()
+            for name, value in self.raw_headers:
+                headers.addRawHeader(name, value)
+            self._headers = headers
+        return self._headers
+
+    def complete_body(self) -> Optional[bytes]:
+        """The whole body, if all of it arrived and it was not delivered yet; else None.
+        Either way the body can still be delivered (L{deliverBody}) afterwards."""
+        if not self._complete or self._protocol is not None:
+            return None
+        return b"".join(self._buffer)
 
     @property
     def request(self) -> IClientRequest:
@@ -398,7 +417,9 @@ class BackendResponse:
         buffered, self._buffer = self._buffer, []
         for data in buffered:
             protocol.dataReceived(data)
-        if self._end is not None:
+        if self._complete:
+            protocol.connectionLost(Failure(ResponseDone()))
+        elif self._end is not None:
             protocol.connectionLost(self._end)
 
     def _data(self, data: bytes) -> None:
@@ -407,8 +428,14 @@ class BackendResponse:
         else:
             self._protocol.dataReceived(data)
 
-    def _finish(self, reason: Failure) -> None:
+    def _finish(self, reason: Optional[Failure] = None) -> None:
+        """The body ended: completely (no C{reason}), or with C{reason}."""
         self._connection = None
+        if reason is None:
+            self._complete = True
+            if self._protocol is not None:
+                self._protocol.connectionLost(Failure(ResponseDone()))
+            return
         self._end = reason
         if self._protocol is not None:
             self._protocol.connectionLost(reason)
@@ -645,9 +672,6 @@ class _Connection(Protocol):
 
     def _make_response(self) -> BackendResponse:
         request = self._request
-        headers = Headers()
-        for name, value in self._headers:
-            headers.addRawHeader(name, value)
         status = self._status
         if request.method == b"HEAD" or status in (204, 304):
             length = 0
@@ -656,7 +680,7 @@ class _Connection(Protocol):
         else:
             length = self._length
         response = BackendResponse((request.method, request.uri, request.headers), status,
-                                   self._phrase.strip(), headers, length, self)
+                                   self._phrase.strip(), self._headers, length, self)
         self._response = response
         for data in self._pending_body:
             response._data(data)
@@ -676,7 +700,7 @@ class _Connection(Protocol):
             self._agent._recycle(self)
         else:
             self.close()
-        response._finish(Failure(ResponseDone()))
+        response._finish()
 
     def _broken(self, reason: Failure) -> None:
         """The backend's answer cannot be parsed: fail what waits on it and close."""
@@ -702,12 +726,11 @@ class _Connection(Protocol):
         if response is not None:
             until_eof = not self._chunked and self._length is None
             if self._complete:
-                end = Failure(ResponseDone())
+                response._finish()
             elif until_eof and reason.check(ConnectionDone):
-                end = Failure(PotentialDataLoss())
+                response._finish(Failure(PotentialDataLoss()))
             else:
-                end = Failure(ResponseFailed([reason]))
-            response._finish(end)
+                response._finish(Failure(ResponseFailed([reason])))
         elif request is not None and not request.deferred.called:
             request.deferred.errback(ResponseNeverReceived([reason]))
         lost, self._lost = self._lost, []

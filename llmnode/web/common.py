@@ -104,7 +104,11 @@ class PendingResponse:
         self.ended = False
         self._on_gone: list[Callable[[], Any]] = []
         self._on_end: list[Callable[[Optional[Failure]], Any]] = []
-        request.notifyFinish().addBoth(self._finished)
+        when_finished = getattr(request, "when_finished", None)
+        if when_finished is not None:
+            when_finished(self._finished)
+        else:
+            request.notifyFinish().addBoth(self._finished)
 
     @property
     def open(self) -> bool:
@@ -220,7 +224,11 @@ def _too_large(limit: int) -> BodyTooLarge:
 def parse_json_object(body: bytes) -> dict:
     """Decode a JSON object, or raise L{BadRequest} saying what is wrong."""
     try:
-        value = json.loads(body)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            text = body  # json detects UTF-16 and UTF-32 itself
+        value = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"request body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(value, dict):

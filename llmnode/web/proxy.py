@@ -143,6 +143,7 @@ class Forwarder:
         self._clock = clock
         self._program = program
         self._limit = max_body_bytes(program.max_body_mb)
+        self._watch = HeaderWatch(clock, program.backend_header_timeout)
 
     def route(self, request, endpoint: str):
         """The runtime and the body to send for C{request}, or a L{NodeError}."""
@@ -180,7 +181,8 @@ class Forwarder:
         runtime.request_started()
         pending = PendingResponse(request)
         pending.on_end(lambda result: _release(result, runtime, request, endpoint))
-        exchange = Exchange(pending, runtime, body, self._http, self._clock, self._program)
+        exchange = Exchange(pending, runtime, body, self._http, self._clock, self._program,
+                            self._watch)
         exchange.streaming = streaming
         exchange.start()
 
@@ -196,8 +198,10 @@ def _release(result, runtime, request, endpoint) -> None:
 class Exchange:
     """One proxied request: wait for the model, send the request, relay the answer."""
 
-    def __init__(self, pending: PendingResponse, runtime, body: bytes, http, clock, program):
+    def __init__(self, pending: PendingResponse, runtime, body: bytes, http, clock, program,
+                 watch: "HeaderWatch"):
         self._pending = pending
+        self._watch = watch
         self._runtime = runtime
         self._body = body
         self._http = http
@@ -331,14 +335,11 @@ class Exchange:
         sending = self._http.request(
             request.method.decode("ascii"), url, headers=headers, data=self._body,
             cookies=_NO_COOKIES, allow_redirects=False, unbuffered=True)
-        timer = self._clock.callLater(
-            self._program.backend_header_timeout, self._too_late, sending)
-
-        def arrived(result):
-            if timer.active():
-                timer.cancel()
-            return result
-        return sending.addBoth(arrived)
+        if sending.called:
+            return sending
+        watch = self._watch
+        watch.watch(sending, self._too_late)
+        return sending.addBoth(watch.unwatch, sending)
 
     def _too_late(self, sending: Deferred) -> None:
         self._headers_late = True
@@ -366,6 +367,51 @@ def _describe(error: BaseException) -> str:
         error = getattr(reasons[0], "value", reasons[0])
     text = str(error) or type(error).__name__
     return text[:300]
+
+
+class HeaderWatch:
+    """The backend header timeout of every request on its way, on one timer.
+
+    A request is watched from when it is sent until its response headers arrive (or it
+    fails). The timer runs only while some request is watched and checks every quarter of the
+    timeout (at most every second), so a request is given up between one and one and a quarter
+    timeouts after it was sent: one timer for all requests instead of one per request.
+    """
+
+    def __init__(self, clock, timeout: float):
+        self._clock = clock
+        self._timeout = timeout
+        self._tick = min(1.0, timeout / 4)
+        self._watched: dict = {}
+        self._timer: Optional[IDelayedCall] = None
+
+    def watch(self, sending: Deferred, on_late) -> None:
+        """Call C{on_late(sending)} if C{sending} is still watched after the timeout."""
+        self._watched[sending] = (self._clock.seconds() + self._timeout, on_late)
+        if self._timer is None:
+            self._timer = self._clock.callLater(self._tick, self._check)
+
+    def unwatch(self, result, sending: Deferred):
+        """Stop watching C{sending} (a callback: passes C{result} on)."""
+        if self._watched.pop(sending, None) is not None and not self._watched:
+            timer, self._timer = self._timer, None
+            if timer is not None and timer.active():
+                timer.cancel()
+        return result
+
+    def _check(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        late = [(sending, on_late) for sending, (deadline, on_late) in self._watched.items()
+                if deadline <= now]
+        for sending, on_late in late:
+            self._watched.pop(sending, None)
+            try:
+                on_late(sending)
+            except Exception:
+                log.failure("giving up on a late backend failed")
+        if self._watched and self._timer is None:
+            self._timer = self._clock.callLater(self._tick, self._check)
 
 
 class _Discard:

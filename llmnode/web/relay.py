@@ -27,39 +27,49 @@ HOP_BY_HOP = frozenset({
 def end_to_end(headers: Headers, also_drop: frozenset = frozenset()) -> Headers:
     """A copy of C{headers} without hop-by-hop ones, those named in C{Connection}, and
     C{also_drop} (lower-case names)."""
-    kept = Headers()
-    for name, values in end_to_end_items(headers, also_drop):
-        kept.setRawHeaders(name, values)
-    return kept
+    return _as_headers(end_to_end_pairs(_pairs(headers), also_drop))
 
 
-def end_to_end_items(headers: Headers, also_drop: frozenset = frozenset()):
-    """The C{(name, values)} of C{headers} that L{end_to_end} keeps."""
-    dropped = HOP_BY_HOP | also_drop
-    connection = headers.getRawHeaders(b"connection")
-    if connection:
-        dropped = dropped | {token.strip().lower()
-                             for value in connection for token in value.split(b",")}
-    return [(name, list(values)) for name, values in headers.getAllRawHeaders()
-            if name.lower() not in dropped]
+def _pairs(headers: Headers) -> list:
+    return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+
+
+def _as_headers(pairs: list) -> Headers:
+    headers = Headers()
+    for name, value in pairs:
+        headers.addRawHeader(name, value)
+    return headers
+
+
+def end_to_end_pairs(pairs: list, also_drop: frozenset = frozenset()) -> list:
+    """The C{(name, value)} pairs that L{end_to_end} would keep, from raw pairs."""
+    dropped = _DROPPED.get(also_drop)
+    if dropped is None:
+        dropped = _DROPPED[also_drop] = HOP_BY_HOP | also_drop
+    lowers = [name.lower() for name, _ in pairs]
+    if b"connection" in lowers:
+        dropped = dropped | {token.strip().lower() for (name, value), lower in zip(pairs, lowers)
+                             if lower == b"connection" for token in value.split(b",")}
+    return [pair for pair, lower in zip(pairs, lowers) if lower not in dropped]
+
+
+#: HOP_BY_HOP with each set of names also dropped by a caller.
+_DROPPED: dict = {}
 
 
 def forwarded_headers(request, also_drop: frozenset = frozenset()) -> Headers:
     """The end-to-end headers of a client's request (see L{end_to_end}), read from the raw
     pairs of a L{llmnode.web.server.NodeRequest} without building a C{Headers} for them."""
-    pairs = getattr(request, "header_items", None)
-    if pairs is None:
-        return end_to_end(request.requestHeaders, also_drop)
-    pairs = pairs()
-    dropped = HOP_BY_HOP | also_drop
-    for name, value in pairs:
-        if name.lower() == b"connection":
-            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
-    kept = Headers()
-    for name, value in pairs:
-        if name.lower() not in dropped:
-            kept.addRawHeader(name, value)
-    return kept
+    items = getattr(request, "header_items", None)
+    pairs = items() if items is not None else _pairs(request.requestHeaders)
+    return _as_headers(end_to_end_pairs(pairs, also_drop))
+
+
+def _response_pairs(response) -> list:
+    """A backend response's headers as C{(name, value)} pairs: the raw ones of the node's
+    agent (under treq's wrapper, C{original}), else read from its C{Headers}."""
+    pairs = getattr(getattr(response, "original", response), "raw_headers", None)
+    return pairs if pairs is not None else _pairs(response.headers)
 
 
 #: Response headers the relay sets itself.
@@ -81,10 +91,12 @@ def _no_delay(request) -> None:
             channel.llmnode_no_delay = True
 
 
-def is_event_stream(headers: Headers) -> bool:
-    """Whether a response's content type is C{text/event-stream}."""
-    value = (headers.getRawHeaders(b"content-type") or [b""])[0]
-    return value.split(b";")[0].strip().lower() == b"text/event-stream"
+def is_event_stream(pairs: list) -> bool:
+    """Whether a response's content type (in its header C{pairs}) is C{text/event-stream}."""
+    for name, value in pairs:
+        if name.lower() == b"content-type":
+            return value.split(b";")[0].strip().lower() == b"text/event-stream"
+    return False
 
 
 @implementer(IPushProducer)
@@ -120,16 +132,26 @@ class StreamRelay(Protocol):
         if not headers_sent:
             request.setResponseCode(response.code, response.phrase)
             kept = request.responseHeaders
-            for name, values in end_to_end_items(response.headers, _NOT_RELAYED):
-                if name.lower() == b"content-encoding" and not b"".join(values).strip():
+            pairs = _response_pairs(response)
+            for name, value in end_to_end_pairs(pairs, _NOT_RELAYED):
+                if not value.strip() and name.lower() == b"content-encoding":
                     # treq's gzip decoding leaves an empty one behind when the backend sent none.
                     continue
-                kept.setRawHeaders(name, values)
+                kept.addRawHeader(name, value)
             if response.length is not UNKNOWN_LENGTH:
                 request.setHeader(b"Content-Length", b"%d" % response.length)
-            if is_event_stream(response.headers):
+            if is_event_stream(pairs):
                 request.setHeader(b"X-Accel-Buffering", b"no")
         _no_delay(request)
+        complete = getattr(getattr(response, "original", response), "complete_body", None)
+        body = complete() if complete is not None else None
+        if body is not None:
+            # The whole answer is already here (most non-streamed answers): one write.
+            self._done = True
+            request.write(body)
+            self._pending.finish()
+            self._report(None)
+            return
         self._pending.on_gone(self._client_gone)
         # What already arrived is relayed at once; a body that is not complete then gets
         # backpressure and the idle timer (none of which a small answer needs).

@@ -79,16 +79,19 @@ class ResponseHeaders:
         self._items: dict = {}
 
     def setRawHeaders(self, name, values) -> None:
-        name = _as_bytes(name)
+        if type(name) is not bytes:
+            name = _as_bytes(name)
         self._items[name.lower()] = (name, [_as_bytes(v) for v in values])
 
     def addRawHeader(self, name, value) -> None:
-        name = _as_bytes(name)
-        entry = self._items.get(name.lower())
+        if type(name) is not bytes or type(value) is not bytes:
+            name, value = _as_bytes(name), _as_bytes(value)
+        lower = name.lower()
+        entry = self._items.get(lower)
         if entry is None:
-            self._items[name.lower()] = (name, [_as_bytes(value)])
+            self._items[lower] = (name, [value])
         else:
-            entry[1].append(_as_bytes(value))
+            entry[1].append(value)
 
     def getRawHeaders(self, name, default=None):
         entry = self._items.get(_as_bytes(name).lower())
@@ -135,7 +138,9 @@ class NodeRequest:
         path, _, self._query = uri.partition(b"?")
         self.path = path
         self.prepath: list = []
-        self.postpath = [unquote_to_bytes(segment) for segment in path[1:].split(b"/")]
+        segments = path[1:].split(b"/")
+        self.postpath = ([unquote_to_bytes(segment) for segment in segments] if b"%" in path
+                         else segments)
         self._args = None
         self._content = None
         self.code = 200
@@ -213,7 +218,9 @@ class NodeRequest:
         self.code_message = message or _REASONS.get(code, b"Unknown Status")
 
     def setHeader(self, name, value) -> None:
-        self.responseHeaders.setRawHeaders(name, [value])
+        if type(name) is not bytes or type(value) is not bytes:
+            name, value = _as_bytes(name), _as_bytes(value)
+        self.responseHeaders._items[name.lower()] = (name, [value])
 
     def write(self, data: bytes) -> None:
         if self.finished or self.gone:
@@ -238,9 +245,7 @@ class NodeRequest:
     def _head(self) -> bytes:
         items = self.responseHeaders._items
         lines = [b"HTTP/1.1 %d %s" % (self.code, self.code_message)]
-        for name, values in items.values():
-            for value in values:
-                lines.append(name + b": " + value)
+        lines += [name + b": " + value for name, values in items.values() for value in values]
         if b"content-length" not in items and self.code not in _NO_BODY_CODES:
             if self.clientproto == b"HTTP/1.1":
                 self._chunked = self.method != b"HEAD"
@@ -269,21 +274,27 @@ class NodeRequest:
         waiters, self._finish_waiters = self._finish_waiters, None
         if waiters:
             for waiter in waiters:
-                waiter.callback(None)
+                _call(waiter, None)
         self.channel.request_done(self)
+
+    def when_finished(self, callback) -> None:
+        """Call C{callback(None)} once the response is finished, or C{callback(failure)} if
+        the connection is lost first (L{notifyFinish} without a Deferred)."""
+        if self.finished:
+            _call(callback, None)
+        elif self.gone:
+            _call(callback, Failure(ConnectionLost("the client went away")))
+        elif self._finish_waiters is None:
+            self._finish_waiters = [callback]
+        else:
+            self._finish_waiters.append(callback)
 
     def notifyFinish(self) -> Deferred:
         """Fires None once the response is finished, or fails if the connection is lost
         first."""
-        if self.finished:
-            return succeed(None)
         waiter: Deferred = Deferred()
-        if self.gone:
-            waiter.errback(Failure(ConnectionLost("the client went away")))
-            return waiter
-        if self._finish_waiters is None:
-            self._finish_waiters = []
-        self._finish_waiters.append(waiter)
+        self.when_finished(lambda result: waiter.callback(result) if result is None
+                           else waiter.errback(result))
         return waiter
 
     def registerProducer(self, producer, streaming: bool) -> None:
@@ -307,7 +318,7 @@ class NodeRequest:
             producer.stopProducing()
         waiters, self._finish_waiters = self._finish_waiters, None
         for waiter in waiters or ():
-            waiter.errback(reason)
+            _call(waiter, reason)
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -351,6 +362,13 @@ class NodeRequest:
         self.finish()
 
 
+def _call(callback, result) -> None:
+    try:
+        callback(result)
+    except Exception:
+        log.failure("a request's end callback failed")
+
+
 class NodeChannel(Protocol):
     """One client connection (see the module's docstring)."""
 
@@ -373,7 +391,6 @@ class NodeChannel(Protocol):
         self._last_activity = 0.0
         self._in_head = False
         self._head_began = 0.0
-        self._head_bytes = 0
         self._head_raw = 0
         self._ended_in_chunk = False
         self._in_url = False
@@ -448,7 +465,6 @@ class NodeChannel(Protocol):
     def on_message_begin(self) -> None:
         self._in_head = True
         self._in_url = True
-        self._head_bytes = 0
         self._head_raw = 0
         self._head_began = self._last_activity
         if self._timer is None:
@@ -458,18 +474,12 @@ class NodeChannel(Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_head(len(url))
+        if len(self._url) > self.factory.head_limit:
+            self._head_too_large()
+            raise HttpParserError("request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._in_url = False
         self._headers.append((name, value))
-        self._count_head(len(name) + len(value) + 4)
-
-    def _count_head(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > self.factory.head_limit:
-            self._head_too_large()
-            raise HttpParserError("request head too large")
 
     def _head_too_large(self) -> None:
         if self._refused:
@@ -482,6 +492,11 @@ class NodeChannel(Protocol):
             self._refuse(HeadTooLarge(f"request line and headers are larger than {limit} bytes"))
 
     def on_headers_complete(self) -> None:
+        self._in_url = False
+        if len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers) > \
+                self.factory.head_limit:
+            self._head_too_large()
+            raise HttpParserError("request head too large")
         self._in_head = False
         parser = self._parser
         limit = self.factory.max_body_bytes
