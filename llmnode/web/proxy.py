@@ -179,20 +179,11 @@ class Forwarder:
             gets SSE comments, so that it and any proxy in between keep the connection open.
         """
         runtime.request_started()
-        pending = PendingResponse(request)
-        pending.on_end(lambda result: _release(result, runtime, request, endpoint))
-        exchange = Exchange(pending, runtime, body, self._http, self._clock, self._program,
-                            self._watch)
+        exchange = Exchange(PendingResponse(request), runtime, body, self._http, self._clock,
+                            self._program, self._watch)
+        exchange.endpoint = endpoint
         exchange.streaming = streaming
         exchange.start()
-
-
-def _release(result, runtime, request, endpoint) -> None:
-    status = request.code if result is None else 499
-    try:
-        runtime.request_finished(endpoint, status)
-    except Exception:
-        log.failure("request_finished failed for {model}", model=runtime.model.id)
 
 
 class Exchange:
@@ -210,20 +201,37 @@ class Exchange:
         self._headers_late = False
         self._sending = False
         self._work: Optional[Deferred] = None
+        self._admitted = False
         self.streaming = False
+        self.endpoint: Optional[str] = None
         self._loading: Optional[LoadingComments] = None
 
     def start(self) -> None:
-        self._pending.on_gone(self._client_gone)
+        pending = self._pending
+        pending.on_gone(self._client_gone)
+        pending.on_end(self._ended)
         runtime = self._runtime
         if runtime.state == "running" and runtime.try_admit():
             # The common case, without a coroutine: the model is up and has a free slot.
-            self._pending.on_end(lambda _: runtime.leave())
+            self._admitted = True
             self._work = self._send(*runtime.address)
             self._work.addCallbacks(self._deliver, self._send_failed)
         else:
             self._work = Deferred.fromCoroutine(self._run())
         self._work.addErrback(self._crashed)
+
+    def _ended(self, result) -> None:
+        """The response ended (C{result} None) or the client left first: give the slot back
+        and count the request as finished."""
+        runtime = self._runtime
+        if self._admitted:
+            self._admitted = False
+            runtime.leave()
+        status = self._pending.request.code if result is None else 499
+        try:
+            runtime.request_finished(self.endpoint, status)
+        except Exception:
+            log.failure("request_finished failed for {model}", model=runtime.model.id)
 
     def _crashed(self, failure) -> None:
         log.failure("proxying a request to {model} failed", failure,
@@ -310,9 +318,8 @@ class Exchange:
     async def _admit(self) -> None:
         """Wait for a concurrency slot of the model (see C{max_concurrency}); it is given
         back when the response ends, however it ends."""
-        runtime = self._runtime
-        await runtime.admit()
-        self._pending.on_end(lambda _: runtime.leave())
+        await self._runtime.admit()
+        self._admitted = True
 
     def _wait_ready(self) -> Deferred:
         """The model's readiness, as a Deferred of our own: cancelling it leaves the shared
