@@ -327,6 +327,21 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(date.utcoffset().total_seconds(), 0)
         self.assertGreater(date.year, 2000)
 
+    def test_a_header_value_cannot_break_into_a_new_header(self):
+        class Echo(Resource):
+            isLeaf = True
+
+            def render(self, request):
+                request.setHeader(b"X-Echo", request.args[b"v"][0])
+                return b"ok"
+
+        channel, transport = self.connect(Echo())
+        channel.dataReceived(b"GET /?v=a%0d%0aSet-Cookie:%20x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = split_response(transport.value())
+        self.assertEqual((status, body), (200, b"ok"))
+        self.assertNotIn(b"set-cookie", headers)
+        self.assertEqual(headers[b"x-echo"], b"a Set-Cookie: x=1")
+
     # -- request bodies -----------------------------------------------------------------------
 
     def test_a_chunked_request_body_reaches_the_resource_intact(self):

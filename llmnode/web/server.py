@@ -107,6 +107,10 @@ class ResponseHeaders:
         return iter(self._items.values())
 
 
+def _one_line(text: bytes) -> bytes:
+    return text.replace(b"\r\n", b" ").replace(b"\r", b" ").replace(b"\n", b" ")
+
+
 def _as_bytes(value) -> bytes:
     return value.encode("latin-1") if isinstance(value, str) else value
 
@@ -258,7 +262,12 @@ class NodeRequest:
         if not self.keep_alive:
             lines.append(b"Connection: close")
         lines.append(b"\r\n")
-        return b"\r\n".join(lines)
+        head = b"\r\n".join(lines)
+        if head.count(b"\n") != len(lines) or head.count(b"\r") != len(lines):
+            # A value with a line break of its own would end the header early (or forge one).
+            lines[:-1] = [_one_line(line) for line in lines[:-1]]
+            head = b"\r\n".join(lines)
+        return head
 
     def finish(self) -> None:
         if self.finished or self.gone:
