@@ -37,7 +37,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IClientRequest, IResponse
 from zope.interface import implementer
 
-from llmnode.web.common import SocketWriter
+from llmnode.web.common import SocketWriter, headers_of
 
 #: Request headers the agent writes itself.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host"})
@@ -389,10 +389,7 @@ class BackendResponse:
     @property
     def headers(self) -> Headers:
         if self._headers is None:
-            headers = Headers()
-            for name, value in self.raw_headers:
-                headers.addRawHeader(name, value)
-            self._headers = headers
+            self._headers = headers_of(self.raw_headers)
         return self._headers
 
     def complete_body(self) -> Optional[bytes]:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 from llmnode.errors import BadRequest, BodyTooLarge, MethodNotAllowed, NodeError, NotFound
@@ -50,6 +51,19 @@ def method_not_allowed(request, allowed: tuple[str, ...]) -> bytes:
 
 def _path(request) -> str:
     return request.path.decode("utf-8", "replace")[:200]
+
+
+def headers_of(pairs) -> Headers:
+    """A C{Headers} object holding the C{(name, value)} C{pairs}."""
+    headers = Headers()
+    for name, value in pairs:
+        headers.addRawHeader(name, value)
+    return headers
+
+
+def pairs_of(headers: Headers) -> list:
+    """The C{(name, value)} pairs of a C{Headers} object."""
+    return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
 
 
 class SocketWriter:

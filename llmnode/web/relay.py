@@ -13,7 +13,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from llmnode.web.common import PendingResponse
+from llmnode.web.common import PendingResponse, headers_of, pairs_of
 
 log = Logger()
 
@@ -27,18 +27,7 @@ HOP_BY_HOP = frozenset({
 def end_to_end(headers: Headers, also_drop: frozenset = frozenset()) -> Headers:
     """A copy of C{headers} without hop-by-hop ones, those named in C{Connection}, and
     C{also_drop} (lower-case names)."""
-    return _as_headers(end_to_end_pairs(_pairs(headers), also_drop))
-
-
-def _pairs(headers: Headers) -> list:
-    return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
-
-
-def _as_headers(pairs: list) -> Headers:
-    headers = Headers()
-    for name, value in pairs:
-        headers.addRawHeader(name, value)
-    return headers
+    return headers_of(end_to_end_pairs(pairs_of(headers), also_drop))
 
 
 def end_to_end_pairs(pairs: list, also_drop: frozenset = frozenset()) -> list:
@@ -61,15 +50,15 @@ def forwarded_headers(request, also_drop: frozenset = frozenset()) -> Headers:
     """The end-to-end headers of a client's request (see L{end_to_end}), read from the raw
     pairs of a L{llmnode.web.server.NodeRequest} without building a C{Headers} for them."""
     items = getattr(request, "header_items", None)
-    pairs = items() if items is not None else _pairs(request.requestHeaders)
-    return _as_headers(end_to_end_pairs(pairs, also_drop))
+    pairs = items() if items is not None else pairs_of(request.requestHeaders)
+    return headers_of(end_to_end_pairs(pairs, also_drop))
 
 
 def _response_pairs(response) -> list:
     """A backend response's headers as C{(name, value)} pairs: the raw ones of the node's
     agent (under treq's wrapper, C{original}), else read from its C{Headers}."""
     pairs = getattr(getattr(response, "original", response), "raw_headers", None)
-    return pairs if pairs is not None else _pairs(response.headers)
+    return pairs if pairs is not None else pairs_of(response.headers)
 
 
 #: Response headers the relay sets itself.

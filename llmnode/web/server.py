@@ -25,6 +25,7 @@ No access-log line is written per request (C{/metrics} counts requests).
 
 from __future__ import annotations
 
+import io
 import time
 from email.utils import formatdate
 from typing import Any, Optional
@@ -32,8 +33,8 @@ from urllib.parse import parse_qs, unquote_to_bytes
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
@@ -44,7 +45,7 @@ from twisted.web.server import NOT_DONE_YET
 from llmnode.errors import BadRequest, MethodNotAllowed, NodeError
 from llmnode.web.common import (
     IDLE_TIMEOUT, MAX_HEAD_BYTES, HeadTimeout, HeadTooLarge, RequestLineTooLong, SocketWriter,
-    render_error)
+    headers_of, pairs_of, render_error)
 
 log = Logger()
 
@@ -169,10 +170,7 @@ class NodeRequest:
     def requestHeaders(self) -> Headers:
         """The request headers as a C{Headers} object (made on first use)."""
         if self._headers is None:
-            headers = Headers()
-            for name, value in self._raw_headers:
-                headers.addRawHeader(name, value)
-            self._headers = headers
+            self._headers = headers_of(self._raw_headers)
         return self._headers
 
     def header_items(self) -> list:
@@ -180,8 +178,7 @@ class NodeRequest:
         through L{requestHeaders} included)."""
         if self._headers is None:
             return self._raw_headers
-        return [(name, value) for name, values in self._headers.getAllRawHeaders()
-                for value in values]
+        return pairs_of(self._headers)
 
     def getHeader(self, name) -> Optional[bytes]:
         if self._headers is not None:
@@ -198,7 +195,6 @@ class NodeRequest:
     def content(self):
         """The body as a file (twisted.web's C{request.content})."""
         if self._content is None:
-            import io
             self._content = io.BytesIO(self.raw_body)
         return self._content
 
@@ -410,7 +406,6 @@ class NodeChannel(Protocol):
     def _reset_message(self) -> None:
         self._url = b""
         self._headers: list = []
-        self._name = b""
         self._body: list = []
         self._body_bytes = 0
         self._too_large = False
@@ -454,7 +449,7 @@ class NodeChannel(Protocol):
                 self._head_too_large()
         self._ended_in_chunk = False
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.channels.discard(self)
         for name in ("_timer", "_abort_timer"):
             call = getattr(self, name)
