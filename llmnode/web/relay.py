@@ -47,8 +47,9 @@ _DROPPED: dict = {}
 
 
 def forwarded_headers(request, also_drop: frozenset = frozenset()) -> Headers:
-    """The end-to-end headers of a client's request (see L{end_to_end}), read from the raw
-    pairs of a L{llmnode.web.server.NodeRequest} without building a C{Headers} for them."""
+    """The end-to-end headers of a client's request (see L{end_to_end}). A
+    L{llmnode.web.server.NodeRequest}'s are read from its raw pairs, so no C{Headers} object
+    is made for the incoming headers, only for the forwarded ones."""
     items = getattr(request, "header_items", None)
     pairs = items() if items is not None else pairs_of(request.requestHeaders)
     return headers_of(end_to_end_pairs(pairs, also_drop))
