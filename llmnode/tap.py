@@ -5,6 +5,7 @@ This is the only module that imports the global reactor.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from dataclasses import replace
@@ -85,12 +86,29 @@ def makeService(options: Options) -> TwistdNode:
     node = NodeService(options.loaded, reactor, host=options["host"], port=options["port"])
     reactor.addSystemEventTrigger("after", "startup", _stop_cleanly_on_sigterm, reactor)
     reactor.addSystemEventTrigger("after", "startup", _reload_on_sighup, reactor, node)
+    reactor.addSystemEventTrigger("after", "startup", _settle_garbage_collector)
     stream = None
     if customised(program):
         stream = twistd_log_stream(getattr(options, "parent", None))
         if isinstance(stream, LogFile):
             _rotate_on_sigusr1(reactor, stream)
     return TwistdNode(node, program, stream)
+
+
+#: Container objects allocated (net) between two young-generation collections. Python's default,
+#: 700, runs one every couple of proxied requests, each scanning every young object alive (about
+#: 5 % of the node's CPU under load); the objects of a request die by reference counting, so a
+#: rarer collection finds the same few survivors.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def _settle_garbage_collector() -> None:
+    """Once started: what was loaded so far (modules, config, the resource tree) is never
+    scanned again, and the young generation is collected less often."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def _reload_on_sighup(reactor, service) -> None:
