@@ -37,7 +37,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IClientRequest, IResponse
 from zope.interface import implementer
 
-from llmnode.web.common import SocketWriter, headers_of
+from llmnode.web.common import SocketWriter, headers_of, pairs_of
 
 #: Request headers the agent writes itself.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host"})
@@ -107,21 +107,34 @@ class BackendClient(HTTPClient):
     agent's C{IResponse} itself (read it with C{treq.content}, C{treq.collect} or
     C{deliverBody}; treq's wrapper would add only its convenience methods, at a cost on every
     attribute read). Every other request is treq's own.
+
+    Besides treq's forms, C{headers} may be a list of C{(name, value)} byte pairs, in the
+    order they are to be sent (what a proxy has at hand; no C{Headers} object is made).
     """
 
     def request(self, method, url, *, headers=None, data=None, cookies=None,
                 allow_redirects=True, unbuffered=False, **extras):
         if (type(url) is not BackendURL or allow_redirects or not unbuffered or extras
                 or not (data is None or type(data) is bytes)
-                or not (headers is None or type(headers) is Headers)
+                or not (headers is None or type(headers) is list or type(headers) is Headers)
                 or not (cookies is None or isinstance(cookies, NoCookies))
                 or not isinstance(self._cookiejar, NoCookies)):
+            if type(headers) is list:
+                headers = headers_of(headers)
             return super().request(method, url, headers=headers, data=data, cookies=cookies,
                                    allow_redirects=allow_redirects, unbuffered=unbuffered,
                                    **extras)
-        return self._agent.request(
-            method.encode("ascii").upper(), url.to_text().encode("ascii"),
-            Headers() if headers is None else headers, BytesBody(data) if data else None)
+        verb = _VERBS.get(method)
+        if verb is None:
+            verb = method.encode("ascii").upper()
+        return self._agent.request(verb, url.as_bytes(), [] if headers is None else headers,
+                                   BytesBody(data) if data else None)
+
+
+#: treq's method names as the agent takes them.
+_VERBS = {name: name.upper().encode("ascii")
+          for name in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS",
+                       "get", "post", "put", "patch", "delete", "head", "options")}
 
 
 def make_client(reactor, *, cookiejar=None, connect_timeout: float = 10.0
@@ -142,6 +155,7 @@ class BackendURL(EncodedURL):
     about 30 µs a request) has nothing to do, and the target is forwarded byte for byte."""
 
     _text: Optional[str] = None
+    _bytes: Optional[bytes] = None
 
     def to_uri(self) -> "BackendURL":
         return self
@@ -150,6 +164,12 @@ class BackendURL(EncodedURL):
         if self._text is None:
             self._text = super().to_text(with_password)
         return self._text
+
+    def as_bytes(self) -> bytes:
+        """The URL as the agent takes it."""
+        if self._bytes is None:
+            self._bytes = self.to_text().encode("ascii")
+        return self._bytes
 
 
 @lru_cache(maxsize=512)
@@ -161,10 +181,10 @@ def backend_url(host: str, port: int, target: bytes) -> BackendURL:
 
 @implementer(IClientRequest)
 class _RequestInfo:
-    def __init__(self, method: bytes, uri: bytes, headers: Headers):
+    def __init__(self, method: bytes, uri: bytes, headers):
         self.method = method
         self.absoluteURI = uri
-        self.headers = headers
+        self.headers = headers_of(headers) if type(headers) is list else headers
 
 
 class _Request:
@@ -204,15 +224,14 @@ class _Request:
         """The request line and headers; C{framing} is the body's length header line(s)."""
         parts = [self.method, b" ", self.path, b" HTTP/1.1\r\n"]
         has_host = False
-        if self.headers is not None:
-            for name, values in self.headers.getAllRawHeaders():
-                lower = name.lower()
-                if lower in _FRAMING:
-                    if lower != b"host":
-                        continue
-                    has_host = True
-                for value in values:
-                    parts += (name, b": ", value, b"\r\n")
+        headers = self.headers
+        for name, value in (headers if type(headers) is list else pairs_of(headers)):
+            lower = name.lower()
+            if lower in _FRAMING:
+                if lower != b"host":
+                    continue
+                has_host = True
+            parts += (name, b": ", value, b"\r\n")
         if not has_host:
             parts += (b"Host: ", self.authority, b"\r\n")
         parts += (framing, b"\r\n")
@@ -233,15 +252,24 @@ class BackendAgent:
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle
         self._idle: dict[tuple, list[_Connection]] = {}
-        self._origins: dict[bytes, tuple] = {}
+        self._targets: dict[bytes, tuple] = {}
         self._closing = False
 
-    def request(self, method: bytes, uri: bytes, headers: Optional[Headers] = None,
+    def request(self, method: bytes, uri: bytes, headers=None,
                 bodyProducer: Optional[IBodyProducer] = None) -> Deferred:
-        try:
-            key, authority, path = self._split(uri)
-        except ValueError as e:
-            return fail(SchemeNotSupported(str(e)))
+        """C{IAgent.request}; C{headers} may also be a list of C{(name, value)} pairs."""
+        target = self._targets.get(uri)
+        if target is None:
+            try:
+                target = self._split(uri)
+            except ValueError as e:
+                return fail(SchemeNotSupported(str(e)))
+            if len(self._targets) >= 1024:
+                self._targets.clear()
+            self._targets[uri] = target
+        key, authority, path = target
+        if headers is None:
+            headers = []
         request = _Request(method, uri, path, key, authority, headers, bodyProducer)
         connection = self._checkout(key)
         if connection is not None:
@@ -261,12 +289,7 @@ class BackendAgent:
         else:
             authority, path = rest[:slash], rest[slash:]
         path = path.partition(b"#")[0]
-        origin = self._origins.get(authority)
-        if origin is None:
-            if len(self._origins) > 256:
-                self._origins.clear()
-            origin = self._origins[authority] = _origin(authority)
-        return origin, authority, path
+        return _origin(authority), authority, path
 
     def _checkout(self, key) -> Optional["_Connection"]:
         idle = self._idle.get(key)

@@ -26,14 +26,16 @@ from twisted.internet.error import ConnectionRefusedError as BackendRefused
 from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmnode.errors import BadGateway, BadRequest, GatewayTimeout, ModelNotFound, NodeError
-from llmnode.web.client import NoCookies, backend_url
+from llmnode.web.client import BackendClient, NoCookies, backend_url
 from llmnode.web.common import (
     ErrorResource,
     PendingResponse,
+    headers_of,
     max_body_bytes,
     method_not_allowed,
     parse_json_object,
@@ -214,11 +216,24 @@ class Exchange:
         if runtime.state == "running" and runtime.try_admit():
             # The common case, without a coroutine: the model is up and has a free slot.
             self._admitted = True
-            self._work = self._send(*runtime.address)
-            self._work.addCallbacks(self._deliver, self._send_failed)
+            sending = self._work = self._request(*runtime.address)
+            sending.addBoth(self._answered, sending)
         else:
             self._work = Deferred.fromCoroutine(self._run())
-        self._work.addErrback(self._crashed)
+            self._work.addErrback(self._crashed)
+
+    def _answered(self, result, sending: Deferred) -> None:
+        """The backend's response (or why there is none) to a request sent at once."""
+        self._watch.unwatch(None, sending)
+        try:
+            if not isinstance(result, Failure):
+                self._deliver(result)
+                return
+            retrying = self._send_failed(result)
+            if retrying is not None:
+                retrying.addErrback(self._crashed)
+        except Exception:
+            self._crashed(Failure())
 
     def _ended(self, result) -> None:
         """The response ended (C{result} None) or the client left first: give the slot back
@@ -334,19 +349,24 @@ class Exchange:
     def _send(self, host: str, port: int) -> Deferred:
         """Send the request; fires with the backend's response once its headers arrived
         (within C{backend_header_timeout})."""
+        sending = self._request(host, port)
+        return sending.addBoth(self._watch.unwatch, sending)
+
+    def _request(self, host: str, port: int) -> Deferred:
+        """Send the request, watched for the header timeout until the caller unwatches it."""
         self._sending = True
         request = self._pending.request
         target = request.uri if request.uri.startswith(b"/") else request.path
         url = backend_url(host, port, target)
         headers = forwarded_headers(request, _REQUEST_DROP)
+        if type(self._http) is not BackendClient:
+            headers = headers_of(headers)  # treq's own client takes no pairs
         sending = self._http.request(
             request.method.decode("ascii"), url, headers=headers, data=self._body,
             cookies=_NO_COOKIES, allow_redirects=False, unbuffered=True)
-        if sending.called:
-            return sending
-        watch = self._watch
-        watch.watch(sending, self._too_late)
-        return sending.addBoth(watch.unwatch, sending)
+        if not sending.called:
+            self._watch.watch(sending, self._too_late)
+        return sending
 
     def _too_late(self, sending: Deferred) -> None:
         self._headers_late = True

@@ -13,6 +13,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
+from llmnode.web.client import BackendResponse
 from llmnode.web.common import PendingResponse, headers_of, pairs_of
 
 log = Logger()
@@ -35,31 +36,48 @@ def end_to_end_pairs(pairs: list, also_drop: frozenset = frozenset()) -> list:
     dropped = _DROPPED.get(also_drop)
     if dropped is None:
         dropped = _DROPPED[also_drop] = HOP_BY_HOP | also_drop
-    lowers = [name.lower() for name, _ in pairs]
-    if b"connection" in lowers:
-        dropped = dropped | {token.strip().lower() for (name, value), lower in zip(pairs, lowers)
-                             if lower == b"connection" for token in value.split(b",")}
-    return [pair for pair, lower in zip(pairs, lowers) if lower not in dropped]
+    kept = []
+    named = None
+    for pair in pairs:
+        lower = pair[0].lower()
+        if lower not in dropped:
+            kept.append(pair)
+        elif lower == b"connection":
+            named = (named or set()) | {token.strip().lower() for token in pair[1].split(b",")}
+    if named:
+        kept = [pair for pair in kept if pair[0].lower() not in named]
+    return kept
 
 
 #: HOP_BY_HOP with each set of names also dropped by a caller.
 _DROPPED: dict = {}
 
 
-def forwarded_headers(request, also_drop: frozenset = frozenset()) -> Headers:
-    """The end-to-end headers of a client's request (see L{end_to_end}). A
-    L{llmnode.web.server.NodeRequest}'s are read from its raw pairs, so no C{Headers} object
-    is made for the incoming headers, only for the forwarded ones."""
+def forwarded_headers(request, also_drop: frozenset = frozenset()) -> list:
+    """The end-to-end headers of a client's request (see L{end_to_end}) as C{(name, value)}
+    pairs. A L{llmnode.web.server.NodeRequest}'s are read from its raw pairs, so no
+    C{Headers} object is made on the way (L{llmnode.web.client.BackendClient} takes pairs)."""
     items = getattr(request, "header_items", None)
     pairs = items() if items is not None else pairs_of(request.requestHeaders)
-    return headers_of(end_to_end_pairs(pairs, also_drop))
+    return end_to_end_pairs(pairs, also_drop)
 
 
 def _response_pairs(response) -> list:
     """A backend response's headers as C{(name, value)} pairs: the raw ones of the node's
     agent (under treq's wrapper, C{original}), else read from its C{Headers}."""
+    if type(response) is BackendResponse:
+        return response.raw_headers
     pairs = getattr(getattr(response, "original", response), "raw_headers", None)
     return pairs if pairs is not None else pairs_of(response.headers)
+
+
+def _complete_body(response) -> Optional[bytes]:
+    """The whole body of a response whose every byte arrived already (the node's agent
+    tells), else None."""
+    if type(response) is BackendResponse:
+        return response.complete_body()
+    complete = getattr(getattr(response, "original", response), "complete_body", None)
+    return complete() if complete is not None else None
 
 
 #: Response headers the relay sets itself.
@@ -85,8 +103,12 @@ def is_event_stream(pairs: list) -> bool:
     """Whether a response's content type (in its header C{pairs}) is C{text/event-stream}."""
     for name, value in pairs:
         if name.lower() == b"content-type":
-            return value.split(b";")[0].strip().lower() == b"text/event-stream"
+            return _is_event_stream_type(value)
     return False
+
+
+def _is_event_stream_type(value: bytes) -> bool:
+    return value.split(b";")[0].strip().lower() == b"text/event-stream"
 
 
 @implementer(IPushProducer)
@@ -122,19 +144,23 @@ class StreamRelay(Protocol):
         if not headers_sent:
             request.setResponseCode(response.code, response.phrase)
             kept = request.responseHeaders
-            pairs = _response_pairs(response)
-            for name, value in end_to_end_pairs(pairs, _NOT_RELAYED):
-                if not value.strip() and name.lower() == b"content-encoding":
-                    # treq's gzip decoding leaves an empty one behind when the backend sent none.
-                    continue
+            typed = event_stream = False
+            for name, value in end_to_end_pairs(_response_pairs(response), _NOT_RELAYED):
+                if name[0] in b"cC":  # a cheap test first: most headers are neither
+                    lower = name.lower()
+                    if lower == b"content-encoding" and not value.strip():
+                        # treq's gzip decoding leaves an empty one behind when the backend
+                        # sent none.
+                        continue
+                    if lower == b"content-type" and not typed:
+                        typed, event_stream = True, _is_event_stream_type(value)
                 kept.addRawHeader(name, value)
             if response.length is not UNKNOWN_LENGTH:
                 request.setHeader(b"Content-Length", b"%d" % response.length)
-            if is_event_stream(pairs):
+            if event_stream:
                 request.setHeader(b"X-Accel-Buffering", b"no")
         _no_delay(request)
-        complete = getattr(getattr(response, "original", response), "complete_body", None)
-        body = complete() if complete is not None else None
+        body = _complete_body(response)
         if body is not None:
             # The whole answer is already here (most non-streamed answers): one write.
             self._done = True
