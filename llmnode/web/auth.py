@@ -74,6 +74,8 @@ class Guard:
         self.admin = KeySet.of(program.admin_api_keys) or self.client
         self.open_health = program.open_health
         self.metrics_auth = program.metrics_auth
+        #: Whether any path needs a key at all.
+        self.closed = bool(self.client) or bool(self.admin)
 
     def keys_for(self, segment: bytes, rest: list) -> Optional[KeySet]:
         """The keys that open C{/segment/rest...}, or None when the path is open."""

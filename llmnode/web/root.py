@@ -25,7 +25,7 @@ class Root(Resource):
         self.guard = guard
 
     def getChildWithDefault(self, path, request):
-        if self.guard is not None:
+        if self.guard is not None and self.guard.closed:
             denied = self.guard.check(path, request)
             if denied is not None:
                 return denied

@@ -51,6 +51,7 @@ log = Logger()
 
 _REASONS = {code: phrase for code, phrase in RESPONSES.items()}
 _NO_BODY_CODES = frozenset({204, 304})
+_VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 
 
 class _DateCache:
@@ -279,7 +280,10 @@ class NodeRequest:
         waiters, self._finish_waiters = self._finish_waiters, None
         if waiters:
             for waiter in waiters:
-                _call(waiter, None)
+                try:
+                    waiter(None)
+                except Exception:
+                    log.failure("a request's end callback failed")
         self.channel.request_done(self)
 
     def when_finished(self, callback) -> None:
@@ -399,6 +403,7 @@ class NodeChannel(Protocol):
         self._head_raw = 0
         self._ended_in_chunk = False
         self._in_url = False
+        self._feeding = 0
         self.send = None
         self.llmnode_no_delay = False
         self._reset_message()
@@ -409,6 +414,8 @@ class NodeChannel(Protocol):
         self._body: list = []
         self._body_bytes = 0
         self._too_large = False
+        self._declared: Optional[bytes] = None
+        self._expect: Optional[bytes] = None
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -427,6 +434,7 @@ class NodeChannel(Protocol):
         if self._refused or self._closing or self._last_read:
             return
         self._last_activity = self._clock.seconds()
+        self._feeding = len(data)
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade:
@@ -484,6 +492,12 @@ class NodeChannel(Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        if name[0] in b"cCeE":
+            lower = name.lower()
+            if lower == b"content-length":
+                self._declared = value
+            elif lower == b"expect":
+                self._expect = value
 
     def _head_too_large(self) -> None:
         if self._refused:
@@ -497,21 +511,23 @@ class NodeChannel(Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_url = False
-        if len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers) > \
-                self.factory.head_limit:
+        limit = self.factory.head_limit
+        # The head came in the bytes counted so far plus the chunk being parsed: only when
+        # those could exceed the limit is the head itself measured.
+        if self._head_raw + self._feeding > limit and len(self._url) + sum(
+                len(n) + len(v) + 4 for n, v in self._headers) > limit:
             self._head_too_large()
             raise HttpParserError("request head too large")
         self._in_head = False
-        parser = self._parser
-        limit = self.factory.max_body_bytes
-        for name, value in self._headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                if limit is not None and value.strip().isdigit() and int(value) > limit:
-                    self._too_large = True
-            elif lower == b"expect" and value.lower() == b"100-continue":
-                if parser.get_http_version() == "1.1" and not self._too_large:
-                    self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        declared = self._declared
+        if declared is not None:
+            limit = self.factory.max_body_bytes
+            if limit is not None and declared.strip().isdigit() and int(declared) > limit:
+                self._too_large = True
+        expect = self._expect
+        if expect is not None and expect.lower() == b"100-continue":
+            if self._parser.get_http_version() == "1.1" and not self._too_large:
+                self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, data: bytes) -> None:
         if self._too_large:
@@ -529,18 +545,20 @@ class NodeChannel(Protocol):
         if self._closing or self._refused or self._last_read:
             return
         parser = self._parser
-        if not parser.should_keep_alive():
+        keep_alive = parser.should_keep_alive()
+        if not keep_alive:
             # Nothing after a request that ends the connection is read (RFC 9112 9.6).
             self._last_read = True
+        version = parser.get_http_version()
         body = self._body
         request = NodeRequest(
             self, parser.get_method(), self._url,
-            b"HTTP/" + parser.get_http_version().encode("ascii"), self._headers,
-            body[0] if len(body) == 1 else b"".join(body), self._too_large,
-            parser.should_keep_alive())
+            _VERSIONS.get(version) or b"HTTP/" + version.encode("ascii"), self._headers,
+            body[0] if len(body) == 1 else b"".join(body), self._too_large, keep_alive)
         self._reset_message()
         if self._current is None:
-            self._start(request)
+            self._current = request
+            request.process()
         else:
             self._waiting.append(request)
             if not self._paused:
