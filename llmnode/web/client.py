@@ -438,8 +438,10 @@ class BackendResponse:
         for data in buffered:
             protocol.dataReceived(data)
         if self._complete:
+            self._protocol = _DELIVERED
             protocol.connectionLost(Failure(ResponseDone()))
         elif self._end is not None:
+            self._protocol = _DELIVERED
             protocol.connectionLost(self._end)
 
     def _data(self, data: bytes) -> None:
@@ -451,14 +453,23 @@ class BackendResponse:
     def _finish(self, reason: Optional[Failure] = None) -> None:
         """The body ended: completely (no C{reason}), or with C{reason}."""
         self._connection = None
+        protocol = self._protocol
+        if protocol is not None:
+            # The body protocol refers to this response through its transport: letting go
+            # of it here lets both die without the cyclic garbage collector.
+            self._protocol = _DELIVERED
         if reason is None:
             self._complete = True
-            if self._protocol is not None:
-                self._protocol.connectionLost(Failure(ResponseDone()))
+            if protocol is not None:
+                protocol.connectionLost(Failure(ResponseDone()))
             return
         self._end = reason
-        if self._protocol is not None:
-            self._protocol.connectionLost(reason)
+        if protocol is not None:
+            protocol.connectionLost(reason)
+
+
+#: The body protocol of a response whose body was delivered to the end.
+_DELIVERED = object()
 
 
 @implementer(IPushProducer)

@@ -142,6 +142,10 @@ class PendingResponse:
     def _finished(self, result) -> None:
         if isinstance(result, Failure):
             self._lost(result)
+        # The client can no longer leave early: its listeners (which refer back to their
+        # owners, and so to this object) go, and a request's objects die without the cyclic
+        # garbage collector.
+        self._on_gone = []
         callbacks, self._on_end = self._on_end, []
         for callback in callbacks:
             try:
