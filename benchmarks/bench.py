@@ -6,7 +6,8 @@ Usage: benchmarks/run [--quick] [--reps N]   (the wrapper picks a Python and ins
 Starts a node (twistd, loopback only) whose one model is L{fast_backend}, and measures, in
 several repetitions that alternate direct and proxied runs, throughput and latency of small
 chat requests (wrk), SSE timing, 1 MiB bodies, cold starts, a 1,000-request burst on a cold
-model and the node's memory with 1,000 open streams. Prints a table and writes it to
+model and the node's memory with 1,000 open streams. Chat and SSE runs also go through
+L{bare_relay}, the least a Twisted relay can do, as a yardstick for this machine. Prints a table and writes it to
 benchmarks/results/latest.md (quick.md with --quick; .rst and .json beside it). Everything it
 starts is stopped at the end. C{--render JSON} rewrites the tables of an earlier run.
 """
@@ -40,6 +41,8 @@ sys.path.insert(0, HERE)
 from httpclient import Connection, fetch, request_bytes  # noqa: E402
 
 MODEL = "bench"
+#: Where the chat and SSE runs go: the backend itself, the bare relay, the node.
+WITH_BARE = ("direct", "bare", "node")
 CHAT_PATH = "/v1/chat/completions"
 CHAT_BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
 WRK_SCRIPT = """\
@@ -179,7 +182,9 @@ class Bench:
         self.events_path = os.path.join(workdir, "backend-events.txt")
         self.node_port = free_port()
         self.model_port = free_port()
+        self.bare_port = free_port()
         self.node: subprocess.Popen | None = None
+        self.bare: subprocess.Popen | None = None
         self.node_log = None
         self.backend_pids: set[int] = set()
         self.results: dict = {}
@@ -230,6 +235,19 @@ class Bench:
         raise RuntimeError("the node did not answer /api/health within 60 s:\n"
                            + self.node_log_tail())
 
+    def start_bare(self) -> None:
+        """The yardstick: L{bare_relay} in front of the same backend."""
+        self.bare = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "bare_relay.py"), "--port", str(self.bare_port),
+             "--backend-port", str(self.model_port), "--alarm", "1800"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        if self.pidfile:
+            with open(self.pidfile, "a") as f:
+                f.write(f"{self.bare.pid}\n")
+        line = self.bare.stdout.readline()
+        if not line.startswith(b"listening"):
+            raise RuntimeError(f"bare_relay.py did not start: {line[:2000]!r}")
+
     def node_log_tail(self) -> str:
         try:
             with open(os.path.join(self.workdir, "node.log"), "rb") as f:
@@ -239,6 +257,10 @@ class Bench:
 
     def stop_node(self) -> None:
         """SIGTERM the node (it stops its backends), then make sure nothing of ours is left."""
+        bare = self.bare
+        if bare is not None and bare.poll() is None:
+            bare.kill()
+            bare.wait(5)
         node = self.node
         if node is not None and node.poll() is None:
             node.send_signal(signal.SIGTERM)
@@ -306,11 +328,13 @@ class Bench:
         return http_json("GET", self.node_port, f"/api/models/{MODEL}/info")[1]["starts"]
 
     def target_port(self, target: str) -> int:
-        return self.model_port if target == "direct" else self.node_port
+        return {"direct": self.model_port, "bare": self.bare_port}.get(target, self.node_port)
 
     @staticmethod
-    def order(rep: int) -> tuple:
-        return ("direct", "node") if rep % 2 == 0 else ("node", "direct")
+    def order(rep: int, targets: tuple = ("direct", "node")) -> tuple:
+        """C{targets} in a different order in each repetition."""
+        shift = rep % len(targets)
+        return targets[shift:] + targets[:shift]
 
     # measurements
 
@@ -336,14 +360,16 @@ class Bench:
 
     async def small_chat(self) -> None:
         s = self.settings
-        data = {c: {t: [] for t in ("direct", "node")} for c in s.connections}
+        data = {c: {t: [] for t in WITH_BARE} for c in s.connections}
         node, backend = self.node_process(), self.backend_process()
+        bare = psutil.Process(self.bare.pid)
         for rep in range(s.reps):
             for connections in s.connections:
-                for target in self.order(rep):
-                    node_cpu, backend_cpu = cpu(node), cpu(backend)
+                for target in self.order(rep, WITH_BARE):
+                    proxy = bare if target == "bare" else node
+                    node_cpu, backend_cpu = cpu(proxy), cpu(backend)
                     result = await self.wrk(self.target_port(target), connections, s.wrk_seconds)
-                    result["node_cpu_s"] = cpu(node) - node_cpu
+                    result["node_cpu_s"] = cpu(proxy) - node_cpu
                     result["backend_cpu_s"] = cpu(backend) - backend_cpu
                     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
                     data[connections][target].append(result)
@@ -373,9 +399,9 @@ class Bench:
         return results
 
     async def sse(self) -> None:
-        data = {"direct": [], "node": []}
+        data = {target: [] for target in WITH_BARE}
         for rep in range(self.settings.reps):
-            for target in self.order(rep):
+            for target in self.order(rep, WITH_BARE):
                 responses = await self.sse_round(self.target_port(target))
                 ttfb, first, delays, coalesced, events, bad = [], [], [], 0, 0, 0
                 for r in responses:
@@ -534,6 +560,7 @@ class Bench:
 
     async def run(self) -> None:
         self.start_node()
+        self.start_bare()
         self.results["started"] = time.time()
         self.results["load_before"] = os.getloadavg()
         self.results["commit"] = subprocess.run(
@@ -581,40 +608,52 @@ def build_report(results: dict, settings: Settings, quick: bool) -> Report:
     chat = results["small_chat"]
     rows = []
     for connections, runs in chat.items():
-        d, n = runs["direct"], runs["node"]
+        d, b, n = runs["direct"], runs.get("bare", []), runs["node"]
         get = lambda rs, k: [r[k] for r in rs]  # noqa: E731
-        rows.append((connections, "req/s", spread(get(d, "rps")), spread(get(n, "rps")),
+        rows.append((connections, "req/s", spread(get(d, "rps")), spread(get(b, "rps")),
+                     spread(get(n, "rps")),
+                     spread(ratios(get(b, "rps"), get(d, "rps")), digits=2),
                      spread(ratios(get(n, "rps"), get(d, "rps")), digits=2)))
         for key, label in (("p50_us", "p50 latency ms"), ("p99_us", "p99 latency ms")):
             rows.append((connections, label, spread(get(d, key), 1e-3),
-                         spread(get(n, key), 1e-3),
+                         spread(get(b, key), 1e-3), spread(get(n, key), 1e-3),
+                         spread(ratios(get(b, key), get(d, key)), digits=2),
                          spread(ratios(get(n, key), get(d, key)), digits=2)))
-        node_cpu = [r["node_cpu_s"] / r["requests"] * 1e6 for r in n if r["requests"]]
-        backend_cpu = [r["backend_cpu_s"] / r["requests"] * 1e6 for r in d if r["requests"]]
-        rows.append((connections, "CPU µs/request", f"backend {spread(backend_cpu)}",
-                     f"node {spread(node_cpu)}", ""))
-        errors = sum(r["errors"] + r["status_errors"] for r in d + n)
+        per_request = lambda rs, k: [r[k] / r["requests"] * 1e6  # noqa: E731
+                                     for r in rs if r["requests"]]
+        rows.append((connections, "CPU µs/request",
+                     f"backend {spread(per_request(d, 'backend_cpu_s'))}",
+                     f"relay {spread(per_request(b, 'node_cpu_s'))}",
+                     f"node {spread(per_request(n, 'node_cpu_s'))}", "", ""))
+        errors = sum(r["errors"] + r["status_errors"] for r in d + b + n)
         if errors:
-            rows.append((connections, "errors (all reps)", "", str(errors), ""))
+            rows.append((connections, "errors (all reps)", "", "", str(errors), "", ""))
     report.section(f"Small non-streaming chat (wrk, {settings.wrk_seconds} s per run)",
-                   ("connections", "metric", "direct", "through llmnode", "ratio"), rows)
+                   ("connections", "metric", "direct", "bare relay", "through llmnode",
+                    "bare relay ratio", "llmnode ratio"), rows,
+                   "'bare relay' is benchmarks/bare_relay.py: the least a Twisted relay does "
+                   "(bytes passed as they are, no routing, checks or accounting); a yardstick "
+                   "for what Python and Twisted cost on this machine.")
 
     sse = results["sse"]
-    d, n = sse["direct"], sse["node"]
+    d, b, n = sse["direct"], sse.get("bare", []), sse["node"]
     rows = []
     for key, label, scale in (("ttfb", "time to first byte ms", 1e3),
                               ("first_event", "time to first event ms", 1e3),
                               ("delay_p50", "per-chunk one-way latency p50 ms", 1e3),
                               ("delay_p99", "per-chunk one-way latency p99 ms", 1e3),
                               ("coalesced", "events coalesced into a multi-event read %", 100)):
-        dv, nv = [r[key] for r in d], [r[key] for r in n]
-        added = [(b - a) * scale for a, b in zip(dv, nv) if a is not None and b is not None]
-        rows.append((label, spread(dv, scale), spread(nv, scale), spread(added)))
-    failed = sum(r["bad"] for r in d + n)
+        dv, bv, nv = [r[key] for r in d], [r[key] for r in b], [r[key] for r in n]
+        added = lambda through: [(t - a) * scale for a, t in zip(dv, through)  # noqa: E731
+                                 if a is not None and t is not None]
+        rows.append((label, spread(dv, scale), spread(bv, scale), spread(nv, scale),
+                     spread(added(bv)), spread(added(nv))))
+    failed = sum(r["bad"] for r in d + b + n)
     report.section(
         f"SSE ({settings.sse_streams} streams x {settings.sse_chunks} events, "
         f"{settings.sse_interval * 1000:g} ms apart, {settings.sse_parallel} at a time)",
-        ("metric", "direct", "through llmnode", "added by llmnode"), rows,
+        ("metric", "direct", "bare relay", "through llmnode", "added by the bare relay",
+         "added by llmnode"), rows,
         f"One-way latency: backend send stamp to client read. Failed streams: {failed}.")
 
     big = results["big"]
