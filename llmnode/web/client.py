@@ -308,7 +308,7 @@ class BackendAgent:
                                                      timeout=self._connect_timeout)
 
     def _recycle(self, connection: "_Connection") -> None:
-        if connection.closing:
+        if connection._closing:
             return
         idle = self._idle.setdefault(connection.key, [])
         if self._closing or len(idle) >= self._max_idle:
@@ -727,7 +727,8 @@ class _Connection(Protocol):
             request.stop_body()
             self.close()
         elif self._keep_alive and request.method != b"HEAD":
-            self.resume()
+            if self._paused:
+                self.resume()
             self._agent._recycle(self)
         else:
             self.close()

@@ -113,12 +113,14 @@ class PendingResponse:
     @ivar ended: this object finished the response (or cut the connection).
     """
 
-    def __init__(self, request):
+    def __init__(self, request, on_gone: Optional[Callable[[], Any]] = None,
+                 on_end: Optional[Callable[[Optional[Failure]], Any]] = None):
         self.request = request
         self.gone = False
         self.ended = False
-        self._on_gone: list[Callable[[], Any]] = []
-        self._on_end: list[Callable[[Optional[Failure]], Any]] = []
+        self._on_gone: list[Callable[[], Any]] = [] if on_gone is None else [on_gone]
+        self._on_end: list[Callable[[Optional[Failure]], Any]] = (
+            [] if on_end is None else [on_end])
         when_finished = getattr(request, "when_finished", None)
         if when_finished is not None:
             when_finished(self._finished)
@@ -184,7 +186,7 @@ class PendingResponse:
 
     def finish(self) -> bool:
         """Finish a response whose body was written elsewhere; False if not open."""
-        if not self.open:
+        if self.gone or self.ended:
             return False
         self.ended = True
         self.request.finish()
@@ -291,7 +293,11 @@ def routing_fields(body: bytes, names: frozenset = frozenset({"model", "stream"}
         except (ValueError, IndexError):
             pass
     value = parse_json_object(body)
-    return {name: value[name] for name in names if name in value}
+    found = {}
+    for name in names:
+        if name in value:
+            found[name] = value[name]
+    return found
 
 
 #: Escaped quotes a scan steps over before it gives up and parses (each costs a Python loop

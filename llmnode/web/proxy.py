@@ -45,6 +45,7 @@ from llmnode.web.common import (
 )
 from llmnode.web.models import ModelsResource
 from llmnode.web.relay import StreamRelay, forwarded_headers
+from llmnode.web.server import NodeRequest
 
 log = Logger()
 
@@ -151,7 +152,12 @@ class Forwarder:
         """The runtime and the body to send for C{request}, or a L{NodeError}."""
         if not request.uri.isascii():
             raise BadRequest("the request target must be ASCII (percent-encode it)")
-        raw = read_body(request, self._limit)
+        if type(request) is NodeRequest and not request.body_too_large:
+            raw = request.raw_body  # read_body's answer, without its questions
+            if len(raw) > self._limit:
+                raw = read_body(request, self._limit)
+        else:
+            raw = read_body(request, self._limit)
         fields = routing_fields(raw)
         name = fields.get("model")
         if "model" not in fields:
@@ -181,19 +187,15 @@ class Forwarder:
             gets SSE comments, so that it and any proxy in between keep the connection open.
         """
         runtime.request_started()
-        exchange = Exchange(PendingResponse(request), runtime, body, self._http, self._clock,
-                            self._program, self._watch)
-        exchange.endpoint = endpoint
-        exchange.streaming = streaming
-        exchange.start()
+        Exchange(request, runtime, body, self._http, self._clock, self._program, self._watch,
+                 endpoint, streaming).start()
 
 
 class Exchange:
     """One proxied request: wait for the model, send the request, relay the answer."""
 
-    def __init__(self, pending: PendingResponse, runtime, body: bytes, http, clock, program,
-                 watch: "HeaderWatch"):
-        self._pending = pending
+    def __init__(self, request, runtime, body: bytes, http, clock, program,
+                 watch: "HeaderWatch", endpoint: Optional[str] = None, streaming: bool = False):
         self._watch = watch
         self._runtime = runtime
         self._body = body
@@ -204,14 +206,12 @@ class Exchange:
         self._sending = False
         self._work: Optional[Deferred] = None
         self._admitted = False
-        self.streaming = False
-        self.endpoint: Optional[str] = None
+        self.streaming = streaming
+        self.endpoint = endpoint
         self._loading: Optional[LoadingComments] = None
+        self._pending = PendingResponse(request, on_gone=self._client_gone, on_end=self._ended)
 
     def start(self) -> None:
-        pending = self._pending
-        pending.on_gone(self._client_gone)
-        pending.on_end(self._ended)
         runtime = self._runtime
         if runtime.state == "running" and runtime.try_admit():
             # The common case, without a coroutine: the model is up and has a free slot.
@@ -311,7 +311,8 @@ class Exchange:
             self._pending.send_error(error)
 
     def _deliver(self, response) -> None:
-        if not self._pending.open:
+        pending = self._pending
+        if pending.gone or pending.ended:
             response.deliverBody(_Discard())
             return
         headers_sent = self._loading is not None and self._loading.stop()

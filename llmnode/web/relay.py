@@ -15,6 +15,7 @@ from zope.interface import implementer
 
 from llmnode.web.client import BackendResponse
 from llmnode.web.common import PendingResponse, headers_of, pairs_of
+from llmnode.web.server import NodeRequest
 
 log = Logger()
 
@@ -65,8 +66,6 @@ def forwarded_headers(request, also_drop: frozenset = frozenset()) -> list:
 def _response_pairs(response) -> list:
     """A backend response's headers as C{(name, value)} pairs: the raw ones of the node's
     agent (under treq's wrapper, C{original}), else read from its C{Headers}."""
-    if type(response) is BackendResponse:
-        return response.raw_headers
     pairs = getattr(getattr(response, "original", response), "raw_headers", None)
     return pairs if pairs is not None else pairs_of(response.headers)
 
@@ -74,8 +73,6 @@ def _response_pairs(response) -> list:
 def _complete_body(response) -> Optional[bytes]:
     """The whole body of a response whose every byte arrived already (the node's agent
     tells), else None."""
-    if type(response) is BackendResponse:
-        return response.complete_body()
     complete = getattr(getattr(response, "original", response), "complete_body", None)
     return complete() if complete is not None else None
 
@@ -141,11 +138,13 @@ class StreamRelay(Protocol):
         """Send C{response}'s status and headers to the client (unless C{headers_sent}
         already), then relay its body."""
         request = self._pending.request
+        ours = type(response) is BackendResponse
         if not headers_sent:
             request.setResponseCode(response.code, response.phrase)
             kept = request.responseHeaders
             typed = event_stream = False
-            for name, value in end_to_end_pairs(_response_pairs(response), _NOT_RELAYED):
+            pairs = response.raw_headers if ours else _response_pairs(response)
+            for name, value in end_to_end_pairs(pairs, _NOT_RELAYED):
                 if name[0] in b"cC":  # a cheap test first: most headers are neither
                     lower = name.lower()
                     if lower == b"content-encoding" and not value.strip():
@@ -159,14 +158,16 @@ class StreamRelay(Protocol):
                 request.setHeader(b"Content-Length", b"%d" % response.length)
             if event_stream:
                 request.setHeader(b"X-Accel-Buffering", b"no")
-        _no_delay(request)
-        body = _complete_body(response)
+        if type(request) is not NodeRequest:  # the node's channel sets TCP_NODELAY itself
+            _no_delay(request)
+        body = response.complete_body() if ours else _complete_body(response)
         if body is not None:
             # The whole answer is already here (most non-streamed answers): one write.
             self._done = True
             request.write(body)
             self._pending.finish()
-            self._report(None)
+            if self._on_end is not None:
+                self._report(None)
             return
         self._pending.on_gone(self._client_gone)
         # What already arrived is relayed at once; a body that is not complete then gets
