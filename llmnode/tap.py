@@ -95,20 +95,11 @@ def makeService(options: Options) -> TwistdNode:
     return TwistdNode(node, program, stream)
 
 
-#: Container objects allocated (net) between two young-generation collections. Python's default,
-#: 700, runs one every couple of proxied requests, each scanning every young object alive (about
-#: 5 % of the node's CPU under load); the objects of a request die by reference counting, so a
-#: rarer collection finds the same few survivors.
-GC_YOUNG_THRESHOLD = 20_000
-
-
 def _settle_garbage_collector() -> None:
     """Once started: what was loaded so far (modules, config, the resource tree) is never
-    scanned again, and the young generation is collected less often."""
+    scanned by the cycle collector again."""
     gc.collect()
     gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def _reload_on_sighup(reactor, service) -> None:
