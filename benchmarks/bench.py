@@ -599,9 +599,10 @@ def build_report(results: dict, settings: Settings, quick: bool) -> Report:
         f"{os.cpu_count()} CPUs, load average at start {load_before}, at end {load}, Python "
         f"{platform.python_version()}, {platform.system()} {platform.release()}.",
         "",
-        f"Figures: median over {settings.reps} repetition(s) (min–max in brackets); direct and "
-        "through-llmnode runs alternate within each repetition; 'ratio' is the median of the "
-        "per-repetition ratios through/direct. 'direct' is the benchmark backend alone.",
+        f"Figures: median over {settings.reps} repetition(s) (min–max in brackets); direct, "
+        "bare-relay (chat and SSE) and through-llmnode runs take turns within each repetition; "
+        "'ratio' is the median of the per-repetition ratios through/direct. 'direct' is the "
+        "benchmark backend alone.",
         results.get("run_line", ""),
     ]
 
