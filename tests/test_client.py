@@ -9,6 +9,7 @@ import socket
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 from httptools import HttpRequestParser
+from treq import content as treq_content
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionRefusedError
@@ -22,7 +23,7 @@ from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
 from llmnode.config import Program
-from llmnode.web.client import BackendAgent, make_client
+from llmnode.web.client import BackendAgent, backend_url, make_client
 from llmnode.web.proxy import mount
 from tests.support.fake_node import FakeNode, FakeRuntime, model
 from tests.support.net import (free_port, http_request, listen_node, parse_response,
@@ -230,6 +231,24 @@ class BodyFramingTests(AgentCase):
         self.assertEqual((response.code, response.phrase, response.length), (201, b"Made It", 2))
         self.assertEqual(response.headers.getRawHeaders(b"x-a"), [b"1", b"2"])
         self.assertEqual(await response.content(), b"ok")
+
+    async def test_headers_as_pairs_on_both_paths(self):
+        """Pairs reach the backend in their order, whether the request goes straight to the
+        agent (the node's own client) or through treq's agents (a client with a cookie jar)."""
+        factory, url = self.serve(lambda c, r: c.transport.write(ok(b"{}")))
+        node_http, node_agent = make_client(reactor)
+        self.addCleanup(node_agent.closeCachedConnections)
+        pairs = [(b"X-B", b"1"), (b"X-A", b"2"), (b"X-B", b"3")]
+        for http in (node_http, self.http):
+            response = await http.request("POST", backend_url("127.0.0.1", int(
+                url.rsplit(":", 1)[1]), b"/v1/x"), headers=pairs, data=b"{}",
+                allow_redirects=False, unbuffered=True)
+            self.assertEqual(await treq_content(response), b"{}")
+        sent = [[pair for pair in received if pair[0].startswith(b"X-")]
+                for received in factory.header_pairs]
+        self.assertEqual(sent[0], pairs)
+        # treq's own path groups a repeated name (twisted's Headers), but keeps every value.
+        self.assertEqual(sorted(sent[1]), sorted(pairs))
 
     async def test_default_client_keeps_no_cookies(self):
         http, agent = make_client(reactor)
