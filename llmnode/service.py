@@ -140,6 +140,7 @@ class NodeService(MultiService):
         await self._drain(self.config.program.shutdown_timeout)
         self.sweeper.stop()
         await self.node.stop_all()
+        self.site.resource.close()
         if self.monitor is not None:
             await self.monitor.close()
         await self._pool.closeCachedConnections()

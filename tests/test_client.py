@@ -447,7 +447,9 @@ class ProxyOverAgentTests(AgentCase):
         root = Resource()
         http, agent = make_client(reactor)
         self.addCleanup(agent.closeCachedConnections)
-        mount(root, FakeNode([runtime]), http, reactor, Program(backend_header_timeout=0.5))
+        v1 = mount(root, FakeNode([runtime]), http, reactor,
+                   Program(backend_header_timeout=0.5))
+        self.addCleanup(v1.close)
         _, port = listen_node(self, root, max_body_bytes=1 << 20)
         return port
 

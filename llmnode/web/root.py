@@ -23,6 +23,12 @@ class Root(Resource):
     def __init__(self, guard: Optional[Guard] = None):
         super().__init__()
         self.guard = guard
+        self.proxy = None
+
+    def close(self) -> None:
+        """Stop what the tree runs on its own (the proxy's timer)."""
+        if self.proxy is not None:
+            self.proxy.close()
 
     def getChildWithDefault(self, path, request):
         if self.guard is not None and self.guard.closed:
@@ -41,7 +47,7 @@ class Root(Resource):
 def build_root(node, http, clock, program, *, devices: Callable[[], list]) -> Root:
     """The whole tree for one node, behind the keys of C{program}."""
     root = Root(Guard(program))
-    mount(root, node, http, clock, program)
+    root.proxy = mount(root, node, http, clock, program)
     root.putChild(b"api", ApiResource(node, clock, devices=devices))
     root.putChild(b"metrics", MetricsResource(node, devices))
     return root

@@ -15,6 +15,7 @@ from tests.support.net import http_client, listen_node
 def serve_proxy(testcase, runtimes, program: Program = Program()) -> int:
     """Listen with the proxy (at C{/v1} and C{/rerank}) for C{runtimes}; return the port."""
     root = Resource()
-    mount(root, FakeNode(runtimes), http_client(testcase), reactor, program)
+    v1 = mount(root, FakeNode(runtimes), http_client(testcase), reactor, program)
+    testcase.addCleanup(v1.close)
     _, port = listen_node(testcase, root, max_body_bytes=max_body_bytes(program.max_body_mb))
     return port
