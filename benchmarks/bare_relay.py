@@ -44,7 +44,8 @@ class Backend(protocol.Protocol):
         send(self.transport, self.first)
 
     def dataReceived(self, data):
-        send(self.client.transport, data)
+        if self.client.connected:  # else the answer is read to its end and dropped
+            send(self.client.transport, data)
         self.parser.feed_data(data)
 
     def on_message_complete(self):
@@ -65,6 +66,7 @@ class Client(protocol.Protocol):
         self.relay = relay
         self.parser = HttpRequestParser(self)
         self.pending = []
+        self.connected = True
 
     def connectionMade(self):
         self.transport.setTcpNoDelay(True)
@@ -72,6 +74,9 @@ class Client(protocol.Protocol):
     def dataReceived(self, data):
         self.pending.append(data)
         self.parser.feed_data(data)
+
+    def connectionLost(self, reason=None):
+        self.connected = False
 
     def on_message_complete(self):
         data = b"".join(self.pending)

@@ -237,16 +237,23 @@ class Bench:
 
     def start_bare(self) -> None:
         """The yardstick: L{bare_relay} in front of the same backend."""
-        self.bare = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "bare_relay.py"), "--port", str(self.bare_port),
-             "--backend-port", str(self.model_port), "--alarm", "1800"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        path = os.path.join(self.workdir, "bare-relay.log")
+        with open(path, "wb") as log:
+            self.bare = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "bare_relay.py"), "--port",
+                 str(self.bare_port), "--backend-port", str(self.model_port), "--alarm", "1800"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         if self.pidfile:
             with open(self.pidfile, "a") as f:
                 f.write(f"{self.bare.pid}\n")
-        line = self.bare.stdout.readline()
-        if not line.startswith(b"listening"):
-            raise RuntimeError(f"bare_relay.py did not start: {line[:2000]!r}")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.bare.poll() is None:
+            with open(path, "rb") as log:
+                if log.readline().startswith(b"listening"):
+                    return
+            time.sleep(0.05)
+        with open(path, "rb") as log:
+            raise RuntimeError(f"bare_relay.py did not start: {log.read()[-2000:]!r}")
 
     def node_log_tail(self) -> str:
         try:
