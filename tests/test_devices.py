@@ -394,6 +394,32 @@ class MonitorTests(SynchronousTestCase):
         self.clock.advance(5)
         self.assertEqual(plugin.calls, calls)
 
+    def test_close_waits_for_a_query_still_running_and_leaves_no_timer(self):
+        slow = ScriptedPlugin("slow", gpu())
+        pending = Deferred()
+        monitor = self.monitor(slow, plugin_timeout=5, runner=lambda f: (
+            pending if f == slow.devices else sync_runner(f)))
+        refreshed = monitor.refresh()
+        closed = monitor.close()
+        self.assertNoResult(closed)
+        pending.callback([gpu()])
+        self.assertIsNone(self.successResultOf(closed))
+        self.assertEqual(list(self.successResultOf(refreshed)), ["gpu0"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_close_gives_up_on_a_hung_query_after_the_plugin_timeout(self):
+        hung = ScriptedPlugin("hung", gpu())
+        monitor = self.monitor(hung, plugin_timeout=5, runner=lambda f: (
+            Deferred() if f == hung.devices else sync_runner(f)))
+        monitor.refresh()
+        closed = monitor.close()
+        self.clock.advance(4.9)
+        self.assertNoResult(closed)
+        self.clock.advance(0.1)
+        self.assertIsNone(self.successResultOf(closed))
+        self.assertTrue(hung.closed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
 
 class MonitorThreadTests(TestCase):
     """The default runner reads plugins in the reactor's thread pool."""

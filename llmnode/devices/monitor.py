@@ -84,9 +84,17 @@ class DeviceMonitor:
             self._loop.stop()
 
     def close(self) -> Deferred:
-        """Stop polling and call C{close()} on plugins that have one (off the reactor thread)."""
+        """Stop polling, wait (at most the plugin timeout) for queries still running, and call
+        C{close()} on plugins that have one (off the reactor thread)."""
         self.stop()
         closing = []
+        for state in self._states:
+            if state.running:
+                # Its answer also ends the timeout timer of the refresh that asked.
+                answered = Deferred()
+                state.observers.append(answered)
+                answered.addTimeout(self._plugin_timeout, self._clock)
+                closing.append(answered.addErrback(lambda f: None))
         for state in self._states:
             close = getattr(state.plugin, "close", None)
             if callable(close):
