@@ -124,8 +124,10 @@ class ModelRuntime:
         if endpoint is not None:
             self.responses[(endpoint, status)] += 1
         self.last_used = self._clock.seconds()
-        self.node.changed()
         if self.in_flight == 0:
+            # Only an idle model can make room (placement evicts none with requests in
+            # flight): waiting placements may look again.
+            self.node.changed()
             self._apply_when_idle()
 
     # -- reload ----------------------------------------------------------------------------
