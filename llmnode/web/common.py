@@ -186,7 +186,7 @@ class PendingResponse:
 
     def finish(self) -> bool:
         """Finish a response whose body was written elsewhere; False if not open."""
-        if self.gone or self.ended:
+        if not self.open:
             return False
         self.ended = True
         self.request.finish()

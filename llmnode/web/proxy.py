@@ -321,8 +321,7 @@ class Exchange:
             self._pending.send_error(error)
 
     def _deliver(self, response) -> None:
-        pending = self._pending
-        if pending.gone or pending.ended:
+        if not self._pending.open:
             response.deliverBody(_Discard())
             return
         headers_sent = self._loading is not None and self._loading.stop()

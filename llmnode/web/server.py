@@ -280,10 +280,7 @@ class NodeRequest:
         waiters, self._finish_waiters = self._finish_waiters, None
         if waiters:
             for waiter in waiters:
-                try:
-                    waiter(None)
-                except Exception:
-                    log.failure("a request's end callback failed")
+                _call(waiter, None)
         self.channel.request_done(self)
 
     def when_finished(self, callback) -> None:
