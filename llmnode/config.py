@@ -102,7 +102,9 @@ class Model:
     upstream_model: Optional[str] = None
     stop_timeout: float = 10.0
     max_concurrency: Optional[int] = None
-    max_queue: int = 100
+    max_queue: int = 1000
+    priority: float = 0.0
+    turn_time: Optional[float] = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -129,7 +131,13 @@ class Program:
     health_interval: float = 0.05
     stream_idle_timeout: float = 300.0
     backend_header_timeout: float = 600.0
-    placement_wait: float = 60.0
+    queue_timeout: float = 600.0
+    turn_factor: float = 2.0
+    turn_min: float = 2.0
+    turn_max: float = 60.0
+    turn_time: Optional[float] = None
+    priority_step: float = 10.0
+    connect_burst: int = 4
     api_keys: tuple[str, ...] = ()
     admin_api_keys: tuple[str, ...] = ()
     open_health: bool = True
@@ -203,8 +211,22 @@ PROGRAM_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
                                        "before it is aborted"),
     "backend_header_timeout": KeyDoc(600, "seconds to wait for a backend's response "
                                           "headers"),
-    "placement_wait": KeyDoc(60, "seconds a request waits for busy models to free "
-                                 "memory before a 503 (0 = fail at once)"),
+    "queue_timeout": KeyDoc(600, "seconds a request may wait in its model's queue for other "
+                                 "models' turns and memory before a 503 (0 = fail at once; "
+                                 "waiting for its own model to load is bounded by "
+                                 "start_timeout instead)"),
+    "turn_factor": KeyDoc(2, "a busy model keeps its turn for this many times the swap it "
+                             "would cost (its stop plus the waiting model's load, as "
+                             "measured)"),
+    "turn_min": KeyDoc(2, "shortest turn, in seconds"),
+    "turn_max": KeyDoc(60, "longest turn, in seconds"),
+    "turn_time": KeyDoc(None, "fixed turn length in seconds for every model, instead of "
+                              "deriving it from swap costs"),
+    "priority_step": KeyDoc(10, "seconds of waiting that one point of a model's priority "
+                                "is worth"),
+    "connect_burst": KeyDoc(4, "most connections being opened to one backend at once; "
+                               "further requests wait for one of them or for a kept-alive "
+                               "connection"),
     "shutdown_timeout": KeyDoc(30, "seconds the node drains in-flight requests when "
                                    "stopping"),
     "api_keys": KeyDoc([], "keys required as 'Authorization: Bearer KEY' on /v1 and "
@@ -216,6 +238,9 @@ PROGRAM_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
     "open_health": KeyDoc(True, "serve the health endpoint without a key"),
     "metrics_auth": KeyDoc(True, "require a key for the metrics endpoint"),
 })
+
+#: Program keys that were renamed: old name -> new name (the old one is read, with a warning).
+RENAMED_PROGRAM_KEYS: Mapping[str, str] = FrozenMapping({"placement_wait": "queue_timeout"})
 
 MODEL_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
     "aliases": KeyDoc([], "other names the model answers to (unique across models)"),
@@ -231,7 +256,12 @@ MODEL_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
     "stop_timeout": KeyDoc(10, "seconds between SIGTERM and SIGKILL"),
     "max_concurrency": KeyDoc(None, "most requests forwarded at once (positive); "
                                     "default: unlimited"),
-    "max_queue": KeyDoc(100, "most requests waiting for a concurrency slot"),
+    "max_queue": KeyDoc(1000, "most requests waiting in the model's queue (for a start, a "
+                              "turn or a concurrency slot); more get 429"),
+    "priority": KeyDoc(0, "scheduling priority: each point counts as program.priority_step "
+                          "seconds of extra waiting"),
+    "turn_time": KeyDoc(None, "fixed turn length in seconds for this model; default: "
+                              "derived (see program.turn_factor)"),
 })
 
 PLAN_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
@@ -452,8 +482,18 @@ class _Checker:
             self.problem(path, f"expected a mapping, {_got(body)}")
             return Program()
         for key in body:
-            if key not in PROGRAM_KEYS:
+            if key not in PROGRAM_KEYS and key not in RENAMED_PROGRAM_KEYS:
                 self.unknown(path, key, PROGRAM_KEYS)
+        body = dict(body)
+        for old, new in RENAMED_PROGRAM_KEYS.items():
+            if old not in body:
+                continue
+            value = body.pop(old)
+            if new in body:
+                self.warn(_join(path, old), f"ignored: renamed to {new}, which is set too")
+            else:
+                self.warn(_join(path, old), f"renamed to {new}; read as {new}")
+                body[new] = value
         values = self.fields(path, body, _PROGRAM_SPEC, PROGRAM_KEYS)
         if values is None:
             return Program()
@@ -786,7 +826,13 @@ _PROGRAM_SPEC = (
     ("health_interval", _number(0.0, exclusive=True, maximum=1.0)),
     ("stream_idle_timeout", _number(0.0, exclusive=True)),
     ("backend_header_timeout", _number(0.0, exclusive=True)),
-    ("placement_wait", _number(0.0)),
+    ("queue_timeout", _number(0.0)),
+    ("turn_factor", _number(0.0)),
+    ("turn_min", _number(0.0)),
+    ("turn_max", _number(0.0, exclusive=True)),
+    ("turn_time", _optional(_number(0.0))),
+    ("priority_step", _number(0.0)),
+    ("connect_burst", _integer(1)),
     ("shutdown_timeout", _number(0.0)),
     ("api_keys", _string_list(_string, "strings", substitute=True)),
     ("admin_api_keys", _string_list(_string, "strings", substitute=True)),
@@ -806,6 +852,8 @@ _MODEL_SPEC = (
     ("stop_timeout", _number(0.0)),
     ("max_concurrency", _optional(_integer(1))),
     ("max_queue", _integer(0)),
+    ("priority", _number(-1e6)),
+    ("turn_time", _optional(_number(0.0))),
 )
 
 _PLAN_SPEC = (

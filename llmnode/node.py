@@ -1,8 +1,9 @@
-"""The node's live state: one L{ModelRuntime} per configured model, and the L{Node} that owns them.
+"""The node's live state, and the thin code that carries out the scheduler's decisions.
 
-A runtime is the only way a backend gets started or stopped: the proxy, the management API, the
-sweeper and placement all go through L{ModelRuntime.ensure_running} and L{ModelRuntime.stop}, so
-concurrent callers share one start and one stop.
+L{llmnode.scheduler.Scheduler} decides; L{Node} tells it what happened and does what it says:
+it answers waiting requests, starts and stops backends through the L{NodeEffects} the service
+provides, and keeps the one timer the scheduler asks for. A L{ModelRuntime} is the face of one
+model to the proxy, the management API, the sweeper and the metrics.
 """
 
 from __future__ import annotations
@@ -10,422 +11,331 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter, deque
-from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from dataclasses import replace
+from typing import Mapping, Optional, Protocol
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from llmnode.config import Config, Model
-from llmnode.errors import Overloaded, Unavailable
+from llmnode.config import Config, Model, Program
+from llmnode.devices.interfaces import Device
+from llmnode.errors import NodeError
+from llmnode.lifecycle import (DRAINING, FAILED, RUNNING, STARTING, STATES, STOPPED, STOPPING,
+                               Lifecycle, State)
+from llmnode.observer import OneShotObserver
+from llmnode.placement import Placement
+from llmnode.scheduler import (Arm, CrashHistory, CrashPolicy, Forget, Forward, Policy, Queued,
+                               Reject, Scheduler, Slot, Start, Stop)
 
-STOPPED = "stopped"
-STARTING = "starting"
-RUNNING = "running"
-STOPPING = "stopping"
-FAILED = "failed"
-STATES = (STOPPED, STARTING, RUNNING, STOPPING, FAILED)
-
-
-@dataclass(frozen=True)
-class CrashPolicy:
-    """After C{limit} crashes within C{window} seconds, hold the model back for C{hold} seconds."""
-
-    limit: int = 3
-    window: float = 60.0
-    hold: float = 30.0
+__all__ = ["STOPPED", "STARTING", "RUNNING", "DRAINING", "STOPPING", "FAILED", "STATES",
+           "CrashHistory", "CrashPolicy", "Node", "ModelRuntime", "NodeEffects",
+           "BackendProcess", "Ticket", "backend_environment", "policy_of"]
 
 
-class CrashHistory:
-    """Remembers recent crashes and failed starts of one model and decides the hold-back."""
+class BackendProcess(Protocol):
+    """What the node needs of one run of a backend (see L{llmnode.launcher.Backend})."""
 
-    def __init__(self, clock, policy: CrashPolicy = CrashPolicy()):
-        self._clock = clock
-        self._policy = policy
-        self._times: list[float] = []
-        self.held_until: Optional[float] = None
+    pid: Optional[int]
 
-    def record(self) -> None:
-        """Count one crash now; start a hold-back if the limit is reached."""
-        now = self._clock.seconds()
-        self._times = [t for t in self._times if now - t < self._policy.window] + [now]
-        if len(self._times) >= self._policy.limit:
-            self.held_until = now + self._policy.hold
-            self._times = []
+    async def start(self) -> None:
+        """Spawn it and wait until it is healthy; raise if it cannot start."""
 
-    def retry_after(self) -> Optional[float]:
-        """Seconds until starts are allowed again, or None when they are allowed now."""
-        if self.held_until is None:
-            return None
-        left = self.held_until - self._clock.seconds()
-        if left <= 0:
-            self.held_until = None
-            return None
-        return left
+    def stop(self) -> defer.Deferred:
+        """Stop it (abandoning a start); fire when nothing of it is left."""
 
-    def reset(self) -> None:
-        self._times = []
-        self.held_until = None
+    def exited(self) -> defer.Deferred:
+        """Fire with a short status text once its main process exited."""
+
+
+class NodeEffects(Protocol):
+    """What the node asks of the world (the service implements it; tests fake it)."""
+
+    def make_backend(self, model: Model, placement: Placement) -> BackendProcess:
+        """A new, unstarted backend for C{model} on C{placement}."""
+
+    def refresh_devices(self) -> defer.Deferred:
+        """Read the devices again; fire with the new C{{id: Device}} snapshot."""
+
+    def log_path(self, model: Model) -> str:
+        """The model's log file."""
+
+
+def policy_of(program: Program, crash: CrashPolicy = CrashPolicy()) -> Policy:
+    """The scheduler's knobs from the C{program} section."""
+    return Policy(queue_timeout=program.queue_timeout, turn_factor=program.turn_factor,
+                  turn_min=program.turn_min, turn_max=program.turn_max,
+                  turn_time=program.turn_time, priority_step=program.priority_step,
+                  crash=crash)
+
+
+class Ticket:
+    """A request (or an operator's start) waiting in its model's queue.
+
+    @ivar ready: fires with the backend's (host, port) when the request may be sent, or fails
+        with a L{NodeError}. Cancelling it takes the request off the queue.
+    @ivar forwarded: the scheduler counted it in flight; end it with
+        L{ModelRuntime.request_finished}.
+    """
+
+    __slots__ = ("id", "runtime", "ready", "forwarded", "start")
+
+    def __init__(self, id: int, runtime: "ModelRuntime", start: bool):
+        self.id = id
+        self.runtime = runtime
+        self.start = start
+        self.forwarded = False
+        self.ready: defer.Deferred = defer.Deferred(self._cancelled)
+
+    def _cancelled(self, _: defer.Deferred) -> None:
+        self.runtime.node._leave(self)
 
 
 class ModelRuntime:
-    """The live state of one configured model: its backend, state, counters and in-flight requests.
+    """One configured model as the rest of the node sees it: its state, backend and counters.
 
     @ivar last_used: clock seconds when the last request ended (or the backend became ready).
     """
 
     log = Logger()
 
-    def __init__(self, node: "Node", model: Model):
+    def __init__(self, node: "Node", slot: Slot):
         self.node = node
-        self.model = model
-        self._clock = node.clock
-        self.state = STOPPED
-        self.backend = None
-        self.placement = None
-        self.in_flight = 0
+        self.slot = slot
+        self._id = slot.model.id
+        self.backend: Optional[BackendProcess] = None
         self.requests_served = 0
         self.starts = 0
         self.crashes = 0
-        self.last_used: Optional[float] = None
-        self.started_at: Optional[float] = None
-        self.last_start_duration: Optional[float] = None
-        self.last_error: Optional[str] = None
-        self.last_error_at: Optional[float] = None
-        self.evictions = 0
         self.responses: Counter = Counter()
         self.start_durations: deque[float] = deque(maxlen=10_000)
-        self.history = CrashHistory(self._clock, node.crash_policy)
-        self._start: Optional[_Shared] = None
-        self._stop: Optional[_Shared] = None
-        self._active = 0
-        self._queue: deque[defer.Deferred] = deque()
-        self._next_model: Optional[Model] = None
-        self._applying = False
-        self.retiring = False
-        self._stop_requested = False
+        self.started_at: Optional[float] = None
+        self.last_start_duration: Optional[float] = None
+        self.last_error_at: Optional[float] = None
+        self._starting = False
+        self.address = ("127.0.0.1", slot.model.port)
 
-    # -- requests ------------------------------------------------------------------------
+    # -- what the scheduler knows ------------------------------------------------------------
 
-    def request_started(self) -> None:
-        """A request for this model arrived; it counts as in flight until L{request_finished}."""
-        self.in_flight += 1
+    @property
+    def model(self) -> Model:
+        return self.slot.model
 
-    def request_finished(self, endpoint: Optional[str] = None,
-                         status: Optional[int] = None) -> None:
-        """A request ended (answered, failed or abandoned): the idle clock starts now.
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return self.slot.lifecycle
 
-        @param endpoint: which endpoint it was for, and C{status} its HTTP status (499 when
-            the client left first), for the request counters.
-        """
-        self.in_flight = max(0, self.in_flight - 1)
-        self.requests_served += 1
-        if endpoint is not None:
-            self.responses[(endpoint, status)] += 1
-        self.last_used = self._clock.seconds()
-        if self.in_flight == 0:
-            # Only an idle model can make room (placement evicts none with requests in
-            # flight): waiting placements may look again.
-            self.node.changed()
-            self._apply_when_idle()
+    @property
+    def state(self) -> State:
+        return self.slot.lifecycle.state
 
-    # -- reload ----------------------------------------------------------------------------
-
-    def reconfigure(self, model: Model) -> None:
-        """Take C{model} (a changed config of this id) once no request is in flight: the
-        backend is stopped and, if it was running, started again with the new settings."""
-        self._next_model = model
-        self._apply_when_idle()
-
-    def retire(self) -> None:
-        """The model left the config: stop it once no request is in flight, then forget it."""
-        self.retiring = True
-        self._apply_when_idle()
-
-    def _apply_when_idle(self) -> None:
-        if (self._next_model is None and not self.retiring) or self._applying:
-            return
-        if self.in_flight or self._start is not None:
-            return
-        self._applying = True
-        was_running = self.state == RUNNING
-        d = self.stop()
-
-        def applied(_):
-            self._applying = False
-            if self.retiring:
-                self.node.forget(self)
-                return
-            if self._next_model is not None:
-                self.model, self._next_model = self._next_model, None
-                self.history.reset()
-                if was_running or self.model.auto_start:
-                    self.ensure_running().addErrback(
-                        lambda f: self.log.warn("{model} did not restart after a reload: "
-                                                "{error}", model=self.model.id,
-                                                error=f.getErrorMessage()))
-
-        d.addCallback(applied)
-        d.addErrback(lambda f: self.log.failure("applying a reload to {model}", f,
-                                                model=self.model.id))
-
-    def admit(self) -> defer.Deferred:
-        """Fire when the request may be forwarded under C{max_concurrency}; fail with
-        L{Overloaded} when C{max_queue} requests already wait. Pair with L{leave}."""
-        if self.try_admit():
-            return defer.succeed(None)
-        limit = self.model.max_concurrency
-        if len(self._queue) >= self.model.max_queue:
-            return defer.fail(Overloaded(
-                f"model {self.model.id!r} is at its limit of {limit} concurrent requests and "
-                f"{self.model.max_queue} waiting", retry_after=1))
-        waiter = defer.Deferred(lambda d: self._queue.remove(d))
-        self._queue.append(waiter)
-        return waiter
-
-    def try_admit(self) -> bool:
-        """Take a concurrency slot if one is free now (no waiting); pair with L{leave}."""
-        limit = self.model.max_concurrency
-        if limit is None or self._active < limit:
-            self._active += 1
-            return True
-        return False
-
-    def leave(self) -> None:
-        """A request admitted by L{admit} ended: hand its slot to the next waiter."""
-        if self._queue:
-            self._queue.popleft().callback(None)
-        else:
-            self._active = max(0, self._active - 1)
+    @property
+    def in_flight(self) -> int:
+        return self.slot.in_flight
 
     @property
     def queued(self) -> int:
-        """Requests waiting for a concurrency slot."""
-        return len(self._queue)
+        return self.slot.requests_queued
 
     @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.model.port)
+    def last_used(self) -> Optional[float]:
+        return self.slot.last_used
 
-    # -- start ---------------------------------------------------------------------------
+    @property
+    def last_error(self) -> Optional[str]:
+        return self.slot.last_error
 
-    def ensure_running(self) -> defer.Deferred:
-        """Fire with the backend's (host, port) once it is ready, starting it if needed.
+    @property
+    def placement(self) -> Optional[Placement]:
+        return self.slot.placement
 
-        Every concurrent caller waits on the same start; each gets its own Deferred, so a caller
-        that cancels its wait leaves the start alone. Fails with L{Unavailable}.
+    @property
+    def evictions(self) -> int:
+        return self.slot.stops["evict"] + self.slot.stops["turn"]
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def try_admit(self) -> bool:
+        """Admit a request at once if the model is running with room and nobody is queued;
+        end it with L{request_finished}."""
+        return self.node.scheduler.try_admit(self._id)
+
+    def enqueue(self) -> Ticket:
+        """Queue a request that L{try_admit} did not take; see L{Ticket}."""
+        return self.node._enqueue(self, start=False)
+
+    def request_finished(self, endpoint: Optional[str] = None,
+                         status: Optional[int] = None) -> None:
+        """A request that was admitted (or forwarded) ended, however it ended."""
+        self.requests_served += 1
+        if endpoint is not None:
+            self.responses[(endpoint, status)] += 1
+        node = self.node
+        decisions = node.scheduler.finish(self._id, node.clock.seconds())
+        if decisions:
+            node._apply(decisions)
+        if node._idle is not None and self.slot.in_flight == 0:
+            node._check_idle()
+
+    def request_abandoned(self, ticket: Optional[Ticket], endpoint: Optional[str] = None,
+                  status: Optional[int] = None) -> None:
+        """A request that was never forwarded ended (rejected, or its client left)."""
+        if endpoint is not None:
+            self.responses[(endpoint, status)] += 1
+        if ticket is not None:
+            self.node._leave(ticket)
+
+    def requeue(self) -> Ticket:
+        """An admitted request found the backend gone before anything was sent: it leaves the
+        in-flight count and waits in the queue again (for the restarted backend)."""
+        node = self.node
+        node._apply(node.scheduler.finish(self._id, node.clock.seconds()))
+        return self.enqueue()
+
+    # -- operators -----------------------------------------------------------------------------
+
+    def start(self) -> defer.Deferred:
+        """Start the model (through its queue, like a request); fire with its (host, port).
+
+        An operator's start lifts a crash hold-back.
         """
-        if self.state == RUNNING:
+        if self.state is RUNNING:
             return defer.succeed(self.address)
-        if self._start is None:
-            retry = self.history.retry_after()
-            if retry is not None:
-                return defer.fail(Unavailable(
-                    f"model {self.model.id!r} is held back after repeated crashes "
-                    f"(last error: {self.last_error}); retry in {retry:.0f} s",
-                    retry_after=retry))
-            return self._begin("_start", self._run_start()).wait()
-        return self._start.wait()
+        if self.slot.history.held_until is not None:
+            self.log.info("{model}: the crash hold-back is lifted by an operator's start",
+                          model=self._id)
+        return self.node._enqueue(self, start=True).ready
 
-    def _begin(self, slot: str, coroutine) -> "_Shared":
-        """Run C{coroutine} as the operation held in C{slot} until it finishes."""
-        operation = defer.Deferred.fromCoroutine(coroutine)
-        shared = _Shared(operation)
-        if not shared.done:
-            setattr(self, slot, shared)
-            operation.addBoth(lambda _: setattr(self, slot, None))
-        return shared
+    ensure_running = start
 
-    async def _run_start(self):
-        if self._stop is not None:
-            await self._stop.wait()
-        self._stop_requested = False
-        self.state = STARTING
-        began = self._clock.seconds()
+    def stop(self, reason: str = "admin") -> defer.Deferred:
+        """Stop the model: requests in flight finish first (C{admin}, C{reload}); C{idle} only
+        stops a model with nothing in flight. Fires once it is stopped (or failed)."""
+        node = self.node
+        done = self.lifecycle.when(STOPPED, FAILED)
+        node._apply(node.scheduler.stop(self._id, reason, node.clock.seconds()))
+        return done.addCallback(lambda _: None)
+
+    # -- carrying out decisions --------------------------------------------------------------
+
+    async def _start(self, placement: Placement) -> None:
+        node, clock = self.node, self.node.clock
         self.starts += 1
+        self._starting = True
+        began = clock.seconds()
+        backend = None
         try:
-            self.placement = await self.node.place(self)
-            if self._stop_requested:
-                raise Unavailable(f"model {self.model.id!r} was stopped while starting")
-            self.backend = self.node.make_backend(self, self.placement)
-            await self.backend.start()
-            if self._stop_requested:
-                raise Unavailable(f"model {self.model.id!r} was stopped while starting")
+            backend = self.backend = node.effects.make_backend(self.model, placement)
+            await backend.start()
         except Exception as e:
-            await self._start_failed(e)
-            raise self._as_unavailable(e)
-        self.state = RUNNING
-        self.started_at = self.last_used = self._clock.seconds()
-        self.last_start_duration = self.started_at - began
+            self._starting = False
+            self.backend = None
+            if self.state is STOPPING:
+                node._apply(node.scheduler.stopped(self._id, clock.seconds()))
+                return
+            message = getattr(e, "message", None) or str(e) or type(e).__name__
+            self.log.warn("{model} failed to start: {error}", model=self._id,
+                          error=message[:2000])
+            self.last_error_at = clock.seconds()
+            if not message.startswith(f"model {self._id!r}"):
+                message = f"model {self._id!r} failed to start: {message}"
+            node._apply(node.scheduler.start_failed(
+                self._id, clock.seconds(), message, counts=not isinstance(e, NodeError)))
+            return
+        self._starting = False
+        if self.state is STOPPING:
+            self.backend = None
+            await backend.stop()
+            node._apply(node.scheduler.stopped(self._id, clock.seconds()))
+            return
+        now = clock.seconds()
+        self.started_at = now
+        self.last_start_duration = now - began
         self.start_durations.append(self.last_start_duration)
         self.log.info("{model} ready on port {port} in {duration:.2f} s (pid {pid})",
-                      model=self.model.id, port=self.model.port,
-                      duration=self.last_start_duration, pid=self.backend.pid)
-        self.backend.exited().addCallback(self._backend_exited, self.backend)
-        self._clock.callLater(0, self._apply_when_idle)
-        return self.address
+                      model=self._id, port=self.model.port,
+                      duration=self.last_start_duration, pid=backend.pid)
+        backend.exited().addCallback(self._exited, backend)
+        node._apply(node.scheduler.started(self._id, now, self.last_start_duration))
 
-    async def _start_failed(self, error: Exception) -> None:
-        message = getattr(error, "message", None) or str(error) or type(error).__name__
-        self.log.warn("{model} failed to start: {error}", model=self.model.id,
-                      error=message[:2000])
+    def _stop(self, reason: str) -> None:
+        if self._starting:
+            if self.backend is not None:
+                self.backend.stop()  # the start fails and reports the stop
+            return
         backend, self.backend = self.backend, None
-        if backend is not None:
-            try:
-                await backend.stop()
-            except Exception:
-                self.log.failure("stopping {model} after a failed start", model=self.model.id)
-        self._release()
-        if self._stop_requested:
-            self.state = STOPPED
-        else:
-            self.state = FAILED
-            self.last_error = message
-            self.last_error_at = self._clock.seconds()
-            if not isinstance(error, Unavailable):
-                self.history.record()
-        self.node.changed()
+        node = self.node
+        if backend is None:
+            node._apply(node.scheduler.stopped(self._id, node.clock.seconds()))
+            return
+        self.log.info("stopping {model} (pid {pid}): {reason}", model=self._id,
+                      pid=backend.pid, reason=self.lifecycle.reason or reason)
 
-    def _as_unavailable(self, error: Exception) -> Exception:
-        if isinstance(error, Unavailable):
-            return error
-        message = getattr(error, "message", None) or str(error)
-        return Unavailable(f"model {self.model.id!r} failed to start: {message}",
-                           retry_after=self.history.retry_after() or 1)
+        def gone(_):
+            node._apply(node.scheduler.stopped(self._id, node.clock.seconds()))
+            node._refresh_soon()  # the memory may be back: the scheduler may place a waiter
 
-    def _backend_exited(self, status: str, backend) -> None:
+        d = defer.maybeDeferred(backend.stop)
+        d.addErrback(lambda f: self.log.failure("stopping {model}", f, model=self._id))
+        d.addCallback(gone)
+
+    def _exited(self, status: str, backend: BackendProcess) -> None:
         """The backend's main process is gone; unless we stopped it, that is a crash."""
-        if backend is not self.backend or self.state != RUNNING:
+        if backend is not self.backend or self.state not in (RUNNING, DRAINING):
             return
         self.crashes += 1
-        self.history.record()
-        self.backend = None
-        self.state = FAILED
-        self.last_error = f"backend crashed ({status})"
-        self.last_error_at = self._clock.seconds()
-        self.log.error("{model} crashed: {status}", model=self.model.id, status=status)
-        # The rest of the process group is swept before the memory counts as free again, and a
-        # new start waits for that.
-        self._begin("_stop", self._clean_after_crash(backend))
+        self.last_error_at = self.node.clock.seconds()
+        self.log.error("{model} crashed: {status}", model=self._id, status=status)
+        node = self.node
+        node._apply(node.scheduler.crashed(self._id, node.clock.seconds(), status))
 
-    async def _clean_after_crash(self, backend) -> None:
-        try:
-            await backend.stop()
-        except Exception:
-            self.log.failure("cleaning up {model} after a crash", model=self.model.id)
-        self._release()
-        self.node.changed()
+    # -- reporting -----------------------------------------------------------------------------
 
-    # -- stop ----------------------------------------------------------------------------
-
-    def stop(self) -> defer.Deferred:
-        """Stop the backend (a start in progress is abandoned); fire when nothing of it is left."""
-        if self._stop is None:
-            return self._begin("_stop", self._run_stop()).wait()
-        return self._stop.wait()
-
-    async def _run_stop(self) -> None:
-        self._stop_requested = True
-        if self.state == STARTING and self._start is not None:
-            backend = self.backend
-            if backend is not None:
-                await backend.stop()
-            try:
-                await self._start.wait()
-            except Exception:
-                pass
-            return
-        backend, self.backend = self.backend, None
-        if backend is None:
-            if self.state in (RUNNING, STOPPING):
-                self.state = STOPPED
-            return
-        self.state = STOPPING
-        self.log.info("stopping {model} (pid {pid})", model=self.model.id, pid=backend.pid)
-        try:
-            await backend.stop()
-        finally:
-            self._release()
-            self.state = STOPPED
-            self.node.changed()
-
-    def _release(self) -> None:
-        self.node.release(self)
-        self.placement = None
-
-    # -- reporting -----------------------------------------------------------------------
+    def wait_reason(self) -> str:
+        """What a queued request of this model waits for, in words."""
+        return self.node.scheduler.wait_reason(self._id, self.node.clock.seconds())
 
     def idle_seconds(self) -> Optional[float]:
-        if self.in_flight or self.state != RUNNING or self.last_used is None:
+        slot = self.slot
+        if slot.in_flight or self.state is not RUNNING or slot.last_used is None:
             return None
-        return self._clock.seconds() - self.last_used
+        return self.node.clock.seconds() - slot.last_used
 
     def info(self) -> dict:
         """What C{GET /api/models/{alias}/info} shows."""
         placement = self.placement
         backend = self.backend
-        return {
+        now = self.node.clock.seconds()
+        info = {
             "id": self.model.id,
             "aliases": list(self.model.aliases),
             "mode": self.model.mode,
-            "state": self.state,
+            "state": self.state.value,
             "port": self.model.port,
             "pid": getattr(backend, "pid", None),
             "plan": placement.plan.name if placement is not None else None,
             "devices": dict(placement.devices) if placement is not None else {},
             "memory_mb": dict(placement.memory) if placement is not None else {},
-            "started_at": self.started_at if self.state == RUNNING else None,
+            "started_at": self.started_at if self.state in (RUNNING, DRAINING) else None,
             "last_used": self.last_used,
             "idle_seconds": self.idle_seconds(),
             "in_flight": self.in_flight,
-            "queued": self.queued,
             "requests_served": self.requests_served,
             "starts": self.starts,
             "crashes": self.crashes,
+            "stops": dict(self.slot.stops),
             "last_start_duration": self.last_start_duration,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
-            "held_back_for": self.history.retry_after(),
-            "log_file": self.node.log_path(self.model),
+            "held_back_for": self.slot.history.retry_after(now),
+            "log_file": self.node.effects.log_path(self.model),
         }
-
-
-class _Shared:
-    """One operation that many callers wait on; each waiter gets its own Deferred."""
-
-    def __init__(self, operation: defer.Deferred):
-        self.done = False
-        self._result = None
-        self._waiters: list[defer.Deferred] = []
-        operation.addBoth(self._finish)
-
-    def _finish(self, result) -> None:
-        self.done, self._result = True, result
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            self._relay(waiter)
-
-    def _relay(self, waiter: defer.Deferred) -> None:
-        if waiter.called:
-            return
-        if isinstance(self._result, Failure):
-            waiter.errback(self._result)
-        else:
-            waiter.callback(self._result)
-
-    def wait(self) -> defer.Deferred:
-        """A new Deferred with the operation's outcome; cancelling it leaves the operation alone."""
-        waiter = defer.Deferred()
-        if self.done:
-            self._relay(waiter)
-        else:
-            self._waiters.append(waiter)
-        return waiter
+        info.update(self.node.scheduler.describe(self._id, now))
+        return info
 
 
 def backend_environment(model: Model, placement, base: Optional[dict] = None) -> dict[str, str]:
-    """The complete environment a backend starts with (DESIGN.md: inherited + llmnode's own)."""
+    """The complete environment a backend starts with: inherited, plus llmnode's own."""
     env = dict(os.environ if base is None else base)
     env["LLMNODE_MODEL"] = model.id
     env["LLMNODE_PORT"] = str(model.port)
@@ -439,31 +349,35 @@ def backend_environment(model: Model, placement, base: Optional[dict] = None) ->
 
 
 class Node:
-    """All runtimes of one configuration, and the collaborators they share.
+    """All runtimes of one configuration, the scheduler, and the code that carries out its
+    decisions.
 
-    @param place: C{async place(runtime) -> Placement}, reserving memory for the runtime.
-    @param release: C{release(runtime)}, freeing what L{place} reserved.
-    @param make_backend: C{make_backend(runtime, placement) -> Backend}.
+    @param effects: starts backends and reads devices (see L{NodeEffects}).
     """
 
-    def __init__(self, config: Config, clock, *, place, release, make_backend,
-                 log_path: Callable[[Model], str], changed: Callable[[], None] = lambda: None,
-                 crash_policy: CrashPolicy = CrashPolicy()):
+    log = Logger()
+
+    def __init__(self, config: Config, clock, effects: NodeEffects, *,
+                 crash_policy: CrashPolicy = CrashPolicy(), policy: Optional[Policy] = None):
         self.config = config
         self.clock = clock
-        self.crash_policy = crash_policy
-        self.place = place
-        self.release = release
-        self.make_backend = make_backend
-        self.log_path = log_path
-        self.changed = changed
-        self._runtimes = {model.id: ModelRuntime(self, model) for model in config.models}
-        self._retired: list[ModelRuntime] = []
+        self.effects = effects
+        self.scheduler = Scheduler(config.models, policy or policy_of(config.program,
+                                                                      crash_policy),
+                                   clock.seconds())
+        self._runtimes = {model.id: ModelRuntime(self, self.scheduler.slots[model.id])
+                          for model in config.models}
+        self._retired: dict[str, ModelRuntime] = {}
+        self._tickets: dict[int, Ticket] = {}
+        self._pending: deque = deque()
+        self._applying = False
+        self._timer: Optional[IDelayedCall] = None
+        self._idle: Optional[OneShotObserver] = None
         self._index()
 
     def _index(self) -> None:
         self._names = {name: runtime for runtime in self._runtimes.values()
-                       for name in (runtime._next_model or runtime.model).names}
+                       for name in (runtime.slot.pending_model or runtime.model).names}
 
     def lookup(self, name: str) -> Optional[ModelRuntime]:
         """The runtime of the model whose id or alias is C{name}."""
@@ -473,54 +387,165 @@ class Node:
         """Every runtime, in config order."""
         return list(self._runtimes.values())
 
+    def _runtime(self, model_id: str) -> Optional[ModelRuntime]:
+        return self._runtimes.get(model_id) or self._retired.get(model_id)
+
+    # -- events in -------------------------------------------------------------------------------
+
+    def devices_changed(self, devices: Mapping[str, Device]) -> None:
+        """A new device snapshot (the service calls this after every refresh)."""
+        self._apply(self.scheduler.devices_changed(devices, self.clock.seconds()))
+
+    def _enqueue(self, runtime: ModelRuntime, start: bool) -> Ticket:
+        decisions = self.scheduler.arrive(runtime.model.id, self.clock.seconds(), start=start)
+        queued: Queued = decisions[0]
+        ticket = Ticket(queued.ticket, runtime, start)
+        self._tickets[ticket.id] = ticket
+        if not self.scheduler.devices_known:
+            self._refresh_soon()
+        self._apply(decisions[1:])
+        return ticket
+
+    def _leave(self, ticket: Ticket) -> None:
+        if self._tickets.pop(ticket.id, None) is not None:
+            self._apply(self.scheduler.leave(ticket.id, self.clock.seconds()))
+
+    def _refresh_soon(self) -> None:
+        if self.scheduler.closed:
+            return
+        self.effects.refresh_devices().addCallback(self.devices_changed).addErrback(
+            lambda f: self.log.failure("reading the devices", f))
+
+    # -- decisions out -----------------------------------------------------------------------------
+
+    def _apply(self, decisions) -> None:
+        """Carry out C{decisions} in order. Decisions made while carrying them out (a waiter's
+        callback may end a request) are queued behind them, never interleaved."""
+        if not decisions:
+            return
+        self._pending.extend(decisions)
+        if self._applying:
+            return
+        self._applying = True
+        try:
+            while self._pending:
+                decision = self._pending.popleft()
+                try:
+                    self._carry_out(decision)
+                except Exception:
+                    self.log.failure("carrying out {decision}", decision=decision)
+        finally:
+            self._applying = False
+
+    def _carry_out(self, decision) -> None:
+        kind = type(decision)
+        if kind is Forward:
+            ticket = self._tickets.pop(decision.ticket, None)
+            if ticket is None:
+                return  # a reload's own restart
+            runtime = ticket.runtime
+            if ticket.ready.called:  # cancelled while the decision was on its way
+                if not ticket.start:
+                    self._apply(self.scheduler.finish(decision.model_id, self.clock.seconds()))
+                return
+            ticket.forwarded = not ticket.start
+            ticket.ready.callback(runtime.address)
+        elif kind is Reject:
+            ticket = self._tickets.pop(decision.ticket, None)
+            if ticket is None:
+                self.log.warn("{model}: {error}", model=decision.model_id,
+                              error=decision.error.message)
+            elif not ticket.ready.called:
+                ticket.ready.errback(decision.error)
+        elif kind is Start:
+            runtime = self._runtime(decision.model_id)
+            d = defer.Deferred.fromCoroutine(runtime._start(decision.placement))
+            d.addErrback(lambda f: self.log.failure("starting {model}", f,
+                                                    model=decision.model_id))
+        elif kind is Stop:
+            self._runtime(decision.model_id)._stop(decision.reason)
+        elif kind is Forget:
+            self._retired.pop(decision.model_id, None)
+        elif kind is Arm:
+            self._arm(decision.at)
+
+    def _arm(self, at: Optional[float]) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if at is not None and not self.scheduler.closed:
+            self._timer = self.clock.callLater(max(0.0, at - self.clock.seconds()), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        d = self.effects.refresh_devices()
+        d.addErrback(lambda f: self.log.failure("reading the devices", f))
+
+        def then(devices):
+            if devices is not None:
+                self._apply(self.scheduler.devices_changed(devices, self.clock.seconds()))
+            self._apply(self.scheduler.tick(self.clock.seconds()))
+
+        d.addCallback(then)
+
+    # -- the whole node ------------------------------------------------------------------------
+
+    def idle(self) -> defer.Deferred:
+        """Fire once no request is in flight on any model."""
+        if self._idle is None:
+            self._idle = OneShotObserver()
+        waiter = self._idle.when_fired()
+        self._check_idle()
+        return waiter
+
+    def _check_idle(self) -> None:
+        if self._idle is not None and not any(
+                runtime.in_flight for runtime in self._all()):
+            observer, self._idle = self._idle, None
+            observer.fire(None)
+
+    def _all(self) -> list[ModelRuntime]:
+        return list(self._runtimes.values()) + list(self._retired.values())
+
     def stop_all(self) -> defer.Deferred:
-        """Stop every backend (retired models' included), concurrently; fire when all are gone."""
-        runtimes = self.runtimes() + self._retired
-        return defer.DeferredList([runtime.stop() for runtime in runtimes], consumeErrors=True)
+        """An operator's stop of every model (each drains first); fire when all are stopped."""
+        return defer.DeferredList([runtime.stop("admin") for runtime in self._all()],
+                                  consumeErrors=True)
+
+    def shutdown(self) -> defer.Deferred:
+        """The node is stopping: reject every waiter and stop every backend now (requests
+        still in flight are cut); fire when all are gone."""
+        self._apply(self.scheduler.shutdown(self.clock.seconds()))
+        waits = [runtime.lifecycle.when(STOPPED, FAILED) for runtime in self._all()]
+        return defer.DeferredList(waits, consumeErrors=True)
 
     def reload(self, config: Config) -> dict:
-        """Switch to C{config}: unchanged models keep running untouched, changed ones restart
-        once idle, removed ones stop once idle, new ones are added (and auto-started).
+        """Switch to C{config} (see L{Scheduler.reload}); C{program} changes are reported,
+        not applied.
 
         @return: model ids by outcome, and what of the C{program} section needs a restart.
         """
-        old = self._runtimes
-        outcome = {"unchanged": [], "changed": [], "added": [], "removed": [],
-                   "restart_required": _program_changes(self.config.program, config.program)}
+        outcome, decisions = self.scheduler.reload(config.models, self.clock.seconds())
+        outcome["restart_required"] = _program_changes(self.config.program, config.program)
+        self.config = replace(config, program=self.config.program)
         runtimes = {}
         for model in config.models:
-            runtime = old.get(model.id)
-            if runtime is None:
-                runtime = ModelRuntime(self, model)
-                outcome["added"].append(model.id)
-            elif runtime.model == model and runtime._next_model is None:
-                outcome["unchanged"].append(model.id)
-            else:
-                outcome["changed"].append(model.id)
+            runtime = self._runtimes.get(model.id) or self._retired.pop(model.id, None)
+            slot = self.scheduler.slots[model.id]
+            if runtime is None or runtime.slot is not slot:
+                runtime = ModelRuntime(self, slot)
             runtimes[model.id] = runtime
-        for model_id, runtime in old.items():
-            if model_id not in runtimes:
-                outcome["removed"].append(model_id)
-                self._retired.append(runtime)
-        self.config = replace(config, program=self.config.program)
+        for model_id in outcome["removed"]:
+            if model_id in self.scheduler.slots:
+                self._retired[model_id] = self._runtimes[model_id]
         self._runtimes = runtimes
-        for model_id in outcome["changed"]:
-            runtimes[model_id].reconfigure(config.resolve(model_id))
         self._index()
-        for runtime in list(self._retired):
-            runtime.retire()
-        for model_id in outcome["added"]:
-            if runtimes[model_id].model.auto_start:
-                runtimes[model_id].ensure_running().addErrback(lambda f: None)
+        self._apply(decisions)
         return outcome
-
-    def forget(self, runtime: ModelRuntime) -> None:
-        """A retired runtime has stopped: drop it."""
-        if runtime in self._retired:
-            self._retired.remove(runtime)
 
 
 def _program_changes(old, new) -> list[str]:
     """The C{program} keys whose new values only take effect when the node restarts."""
     return [f"program.{name}" for name in old.__dataclass_fields__
             if getattr(old, name) != getattr(new, name)]
+

@@ -1,21 +1,17 @@
-"""Where a model runs: plan choice, the memory ledger and idle-model eviction.
+"""Where a model runs: plan choice, the memory ledger and the choice of models to stop.
 
-Everything here except L{Placer} is pure and synchronous. Memory figures are in MB.
+Everything here is pure and synchronous; L{llmnode.scheduler} decides when to use it. Memory
+figures are in MB.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Awaitable, Callable, Iterator, Mapping, Optional, Sequence
-
-from twisted.internet.defer import Deferred, DeferredLock
-from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 from llmnode.config import Model, Plan
 from llmnode.devices.interfaces import Device
-from llmnode.errors import Unavailable
 
 #: At most this many device assignments are considered per plan.
 ASSIGNMENT_LIMIT = 5000
@@ -106,12 +102,16 @@ class Resident:
     @ivar idle_since: clock seconds since which it has had no request; None while starting
         (never evicted then).
     @ivar reserved: device id -> MB it holds in the ledger.
+    @ivar rank: how soon it can be freed, lower first: 0 already stopping or draining, 1 idle,
+        2 busy with its turn over, 3 busy within its turn. Ranks above 1 are only given by the
+        scheduler, which drains such a model before it stops it.
     """
 
     model_id: str
     in_flight: int
     idle_since: Optional[float]
     reserved: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    rank: int = 1
 
 
 def _assignments(plan: Plan, devices: Mapping[str, Device],
@@ -183,7 +183,7 @@ def _victims(shortfalls: Mapping[str, float], candidates: Sequence[Resident],
     nobody is stopped needlessly. None when even all candidates together fall short.
     """
     pool = [c for c in candidates if any(c.reserved.get(d, 0.0) > 0 for d in shortfalls)]
-    pool.sort(key=lambda c: (-eviction_score(c, shortfalls, now), c.model_id))
+    pool.sort(key=lambda c: (c.rank, -eviction_score(c, shortfalls, now), c.model_id))
 
     def covers(group) -> bool:
         return all(sum(c.reserved.get(d, 0.0) for c in group) >= short
@@ -204,18 +204,19 @@ def _victims(shortfalls: Mapping[str, float], candidates: Sequence[Resident],
 
 
 def plan_eviction(model: Model, devices: Mapping[str, Device], ledger: Ledger,
-                  residents: Sequence[Resident], now: float
+                  residents: Sequence[Resident], now: float, *, busy_too: bool = False
                   ) -> Optional[tuple[Placement, list[str]]]:
     """The first plan, in file order, that would fit after stopping idle models.
 
-    Candidates have no request in flight, are not starting, and hold memory on a device
-    that is short. Returns the placement and the ids of the models to stop, taken in
-    descending L{eviction_score} order until enough is freed, or None when no plan can be
-    made to fit (all or nothing). Within a plan the device assignment needing the fewest
-    victims wins.
+    Candidates have no request in flight (any, with C{busy_too}: the scheduler drains them
+    first), are not starting, and hold memory on a device that is short. Returns the placement
+    and the ids of the models to stop, taken by L{Resident.rank}, then in descending
+    L{eviction_score} order, until enough is freed, or None when no plan can be made to fit
+    (all or nothing). Within a plan the device assignment needing the fewest victims wins.
     """
     candidates = [r for r in residents
-                  if r.in_flight == 0 and r.idle_since is not None and r.model_id != model.id]
+                  if (busy_too or r.in_flight == 0) and r.idle_since is not None
+                  and r.model_id != model.id]
     for plan in model.plans:
         needs = [need_mb(plan, r) for r in plan.required_devices]
         best: Optional[tuple[Placement, list[str]]] = None
@@ -272,118 +273,3 @@ def possible(model: Model, devices: Mapping[str, Device]) -> bool:
                               order=lambda i, d: 0.0):
             return True
     return False
-
-
-class Placer:
-    """Decides placements one at a time, stopping idle models or waiting when needed.
-
-    The node calls L{changed} whenever a request ends or a model stops, to wake waiters.
-    """
-
-    def __init__(self, clock, monitor, ledger: Ledger, *, wait_timeout: float = 60.0,
-                 poll_interval: float = 0.1, reclaim_timeout: float = 30.0,
-                 recheck_interval: float = 5.0, retry_after: float = 10.0,
-                 log: Optional[Logger] = None):
-        """
-        @param monitor: a L{llmnode.devices.monitor.DeviceMonitor} (C{refresh()}, C{devices}).
-        @param recheck_interval: a waiting placement looks again at least this often, for
-            memory freed by processes the node does not know.
-        """
-        self._clock = clock
-        self._monitor = monitor
-        self.ledger = ledger
-        self._wait_timeout = wait_timeout
-        self._poll_interval = poll_interval
-        self._reclaim_timeout = reclaim_timeout
-        self._recheck_interval = recheck_interval
-        self._retry_after = retry_after
-        self._log = log or Logger()
-        self._lock = DeferredLock()
-        self._waiters: list[Deferred] = []
-
-    def changed(self) -> None:
-        """Something may have freed capacity: let waiting placements try again."""
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.called:
-                waiter.callback(None)
-
-    def _change(self, timeout: float) -> Deferred:
-        waiter = Deferred()
-        self._waiters.append(waiter)
-        timer = self._clock.callLater(timeout, lambda: waiter.called or waiter.callback(None))
-
-        def done(result):
-            if timer.active():
-                timer.cancel()
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-            return result
-
-        return waiter.addBoth(done)
-
-    async def place(self, model: Model, residents: Callable[[], Sequence[Resident]],
-                    stop: Callable[[str], Awaitable[None]]) -> Placement:
-        """Reserve memory for C{model} and say where it runs.
-
-        @param residents: the models holding memory now (called when needed).
-        @param stop: stops one model by id; the caller releases its ledger entry once stopped.
-        @raise Unavailable: nothing fits within C{wait_timeout}, or never could.
-        """
-        deadline = self._clock.seconds() + self._wait_timeout
-        while True:
-            await self._lock.acquire()
-            try:
-                placement = await self._attempt(model, residents, stop)
-                if placement is not None:
-                    return placement
-                devices = self._monitor.devices
-                if not possible(model, devices):
-                    raise Unavailable(
-                        explain(model, devices, self.ledger) + " (not even on idle devices)",
-                        retry_after=self._retry_after)
-                remaining = deadline - self._clock.seconds()
-                if remaining <= 0:
-                    raise Unavailable(explain(model, devices, self.ledger),
-                                      retry_after=self._retry_after)
-                wake = self._change(min(remaining, self._recheck_interval))
-            finally:
-                self._lock.release()
-            await wake
-
-    async def _attempt(self, model: Model, residents, stop) -> Optional[Placement]:
-        await self._monitor.refresh()
-        placement = choose(model, self._monitor.devices, self.ledger)
-        if placement is None:
-            eviction = plan_eviction(model, self._monitor.devices, self.ledger,
-                                     list(residents()), self._clock.seconds())
-            if eviction is None:
-                return None
-            placement = await self._evict(model, *eviction, stop)
-            if placement is None:
-                return None
-        self.ledger.reserve(model.id, placement.memory)
-        return placement
-
-    async def _evict(self, model: Model, target: Placement, victims: list[str],
-                     stop) -> Optional[Placement]:
-        self._log.info("placing {model} (plan {plan}) stops idle {victims}",
-                       model=model.id, plan=target.plan.name, victims=", ".join(victims))
-        for victim in victims:
-            try:
-                await stop(victim)
-            except Exception:
-                self._log.failure("stopping {victim} to make room for {model} failed",
-                                  victim=victim, model=model.id)
-        give_up = self._clock.seconds() + self._reclaim_timeout
-        while True:
-            await self._monitor.refresh()
-            placement = choose(model, self._monitor.devices, self.ledger)
-            if placement is not None:
-                return placement
-            if self._clock.seconds() >= give_up:
-                self._log.warn("memory not given back {timeout:g} s after stopping {victims}: "
-                               "{why}", timeout=self._reclaim_timeout, victims=", ".join(victims),
-                               why=explain(model, self._monitor.devices, self.ledger)[:400])
-                return None
-            await deferLater(self._clock, self._poll_interval)

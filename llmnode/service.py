@@ -20,8 +20,8 @@ from llmnode.errors import NodeError
 from llmnode.devices.loader import default_plugins
 from llmnode.devices.monitor import DeviceMonitor
 from llmnode.launcher import Backend, ModelLog, reclaim
-from llmnode.node import RUNNING, Node, backend_environment
-from llmnode.placement import Ledger, Placer, Resident
+from llmnode.node import Node, backend_environment
+from llmnode.placement import Placement
 from llmnode.sweeper import Sweeper
 from llmnode.web.api import reload_config
 from llmnode.web.client import BackendAgent, make_client
@@ -31,12 +31,15 @@ from llmnode.web.server import NodeSite
 from llmnode.web.root import build_root
 
 
-def make_http_client(reactor) -> tuple[HTTPClient, BackendAgent]:
+def make_http_client(reactor, connect_burst: Optional[int] = None
+                     ) -> tuple[HTTPClient, BackendAgent]:
     """The node's one HTTP client: treq over a lean keep-alive agent for local backends (see
     L{llmnode.web.client}), no redirects, a cookie jar that keeps nothing (a backend's cookies
     must never reach another user's request). Close it with the agent's
-    C{closeCachedConnections}."""
-    return make_client(reactor)
+    C{closeCachedConnections}.
+
+    @param connect_burst: most connections being opened to one backend at once."""
+    return make_client(reactor, connect_burst=connect_burst)
 
 
 class NodeService(MultiService):
@@ -58,15 +61,11 @@ class NodeService(MultiService):
         self.port = program.port if port is None else port
         self.runtime_dir = program.runtime_dir or os.path.join(os.path.dirname(program.log_dir),
                                                                "run")
-        self.http, self._pool = make_http_client(reactor)
+        self.http, self._pool = make_http_client(reactor, connect_burst=program.connect_burst)
         self._plugins = plugins
         self.monitor: Optional[DeviceMonitor] = None
-        self.ledger = Ledger()
-        self.placer: Optional[Placer] = None
         self._logs: dict[str, ModelLog] = {}
-        self.node = Node(config, reactor, place=self._place, release=self._release,
-                         make_backend=self._make_backend, log_path=self._log_path,
-                         changed=self._changed)
+        self.node = Node(config, reactor, self)
         self.sweeper = Sweeper(reactor, self.node.runtimes, program.alive_time, self.log)
         self.site = NodeSite(build_root(self.node, self.http, reactor, program,
                                         devices=self.devices_report),
@@ -96,8 +95,7 @@ class NodeService(MultiService):
         if plugins is None:
             plugins = default_plugins(self.config.program.device_plugin_dir, self.log)
         self.monitor = DeviceMonitor(self.reactor, plugins, log=self.log)
-        self.placer = Placer(self.reactor, self.monitor, self.ledger,
-                             wait_timeout=self.config.program.placement_wait, log=self.log)
+        self.monitor.subscribe(self.node.devices_changed)
         self.monitor.start()
         self._listen()
         self.sweeper.start()
@@ -106,7 +104,7 @@ class NodeService(MultiService):
                       n=len(self.config.models), host=self.host, port=self.listening_port)
         for runtime in self.node.runtimes():
             if runtime.model.auto_start:
-                runtime.ensure_running().addErrback(
+                runtime.start().addErrback(
                     lambda f, m=runtime.model.id: self.log.warn(
                         "auto_start of {model} failed: {error}", model=m,
                         error=f.getErrorMessage()))
@@ -139,7 +137,7 @@ class NodeService(MultiService):
             await listening.stopListening()
         await self._drain(self.config.program.shutdown_timeout)
         self.sweeper.stop()
-        await self.node.stop_all()
+        await self.node.shutdown()
         self.site.resource.close()
         if self.monitor is not None:
             await self.monitor.close()
@@ -149,44 +147,32 @@ class NodeService(MultiService):
         self.log.info("llmnode stopped; no backend left running")
 
     async def _drain(self, timeout: float) -> None:
-        deadline = self.reactor.seconds() + timeout
-        while (any(r.in_flight for r in self.node.runtimes())
-               and self.reactor.seconds() < deadline):
-            await _sleep(self.reactor, 0.05)
+        """Wait until no request is in flight, at most C{timeout} seconds."""
+        idle = self.node.idle()
+        idle.addTimeout(timeout, self.reactor)
+        try:
+            await idle
+        except defer.TimeoutError:
+            self.log.warn("requests still in flight after {timeout:g} s; stopping anyway",
+                          timeout=timeout)
 
-    # -- collaborators of the runtimes -----------------------------------------------------
+    # -- NodeEffects -------------------------------------------------------------------------
 
-    async def _place(self, runtime):
-        return await self.placer.place(runtime.model, self._residents, self._stop_model)
+    def refresh_devices(self) -> defer.Deferred:
+        if self.monitor is None:
+            return defer.succeed(None)
+        return self.monitor.refresh()
 
-    def _residents(self) -> list:
-        return [Resident(model_id=r.model.id, in_flight=r.in_flight,
-                         idle_since=r.last_used if r.state == RUNNING else None,
-                         reserved=self.ledger.of(r.model.id))
-                for r in self.node.runtimes() if self.ledger.of(r.model.id)]
-
-    async def _stop_model(self, model_id: str) -> None:
-        runtime = self.node.lookup(model_id)
-        runtime.evictions += 1
-        await runtime.stop()
-
-    def _release(self, runtime) -> None:
-        self.ledger.release(runtime.model.id)
-
-    def _changed(self) -> None:
-        if self.placer is not None:
-            self.placer.changed()
-
-    def _log_path(self, model: Model) -> str:
+    def log_path(self, model: Model) -> str:
         return os.path.join(self.config.program.log_dir, f"{model.id}.log")
 
     def _model_log(self, model: Model) -> ModelLog:
         if model.id not in self._logs:
-            self._logs[model.id] = ModelLog(self._log_path(model))
+            self._logs[model.id] = ModelLog(self.log_path(model))
         return self._logs[model.id]
 
-    def _make_backend(self, runtime, placement) -> Backend:
-        model, plan, program = runtime.model, placement.plan, self.config.program
+    def make_backend(self, model: Model, placement: Placement) -> Backend:
+        plan, program = placement.plan, self.config.program
         return Backend(self.reactor, model_id=model.id, command=plan.script_path,
                        env=backend_environment(model, placement), cwd=self.config.base_dir,
                        port=model.port, health_path=model.health_path,
@@ -200,20 +186,16 @@ class NodeService(MultiService):
         if self.monitor is None:
             return []
         report = []
+        ledger = self.node.scheduler.ledger
         for device in self.monitor.devices.values():
-            reserved = self.ledger.reserved_mb(device.id)
+            reserved = ledger.reserved_mb(device.id)
             report.append({
                 "id": device.id, "kind": device.kind, "name": device.name,
                 "total_mb": device.total_mb, "free_mb": device.free_mb,
                 "reserved_mb": reserved,
                 "available_mb": max(0.0, min(device.free_mb, device.total_mb - reserved)),
                 "utilization": device.utilization, "temperature": device.temperature,
-                "models": dict(self.ledger.holders(device.id)),
+                "models": dict(ledger.holders(device.id)),
             })
         return report
 
-
-def _sleep(reactor, seconds: float) -> defer.Deferred:
-    d = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d

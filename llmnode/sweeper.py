@@ -36,7 +36,7 @@ class Sweeper:
     """Every C{interval} seconds, stops each runtime that is L{due}.
 
     @param runtimes: returns the node's runtime objects, each with C{.model},
-        C{.state}, C{.in_flight}, C{.last_used} and C{.stop()} (a Deferred).
+        C{.state}, C{.in_flight}, C{.last_used} and C{.stop(reason)} (a Deferred).
     """
 
     def __init__(self, clock, runtimes: Callable[[], Iterable], default_alive_time_min: float,
@@ -98,6 +98,6 @@ class Sweeper:
                               failure, model=model.id, delay=RETRY_DELAY)
             self._retry_at[key] = self._clock.seconds() + RETRY_DELAY
 
-        d = maybeDeferred(runtime.stop)
+        d = maybeDeferred(runtime.stop, "idle")
         d.addErrback(failed)
         d.addBoth(lambda _: self._stopping.discard(key))

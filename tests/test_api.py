@@ -96,9 +96,14 @@ class ManagementApiTests(TestCase):
     async def test_auto_start_models_start_in_the_background(self):
         await self.node(auto=demo_model(free_port(), auto_start=True, flags="--start-delay 0.3"),
                         lazy=demo_model(free_port()))
-        status, health = await get_json(self.http, self.url + "/health")
-        self.assertEqual(status, 200, "the node answers while auto_start models start")
-        self.assertEqual(health["models"]["starting"], 1)
+        states = []
+        for _ in range(100):
+            status, health = await get_json(self.http, self.url + "/health")
+            states.append(health["models"]["starting"])
+            if health["models"]["starting"]:
+                break
+            await sleep(0.01)
+        self.assertEqual(states[-1], 1, "the node answers while auto_start models start")
         for _ in range(100):
             _, info = await get_json(self.http, self.url + "/models/auto/info")
             if info["state"] == "running":

@@ -105,18 +105,20 @@ class ValidConfigTests(ConfigTestCase):
             (program.host, program.port, program.log_level, program.alive_time,
              program.device_plugin_dir, program.max_body_mb, program.health_interval,
              program.stream_idle_timeout, program.backend_header_timeout,
-             program.placement_wait, program.api_keys, program.admin_api_keys,
+             program.queue_timeout, program.api_keys, program.admin_api_keys,
              program.open_health, program.shutdown_timeout, program.log_format,
-             program.metrics_auth),
-            ("0.0.0.0", 8080, "INFO", 30.0, None, 64.0, 0.05, 300.0, 600.0, 60.0, (), (),
-             True, 30.0, "text", True))
+             program.metrics_auth, program.turn_factor, program.turn_min, program.turn_max,
+             program.turn_time, program.priority_step, program.connect_burst),
+            ("0.0.0.0", 8080, "INFO", 30.0, None, 64.0, 0.05, 300.0, 600.0, 600.0, (), (),
+             True, 30.0, "text", True, 2.0, 2.0, 60.0, None, 10.0, 4))
         [m] = config.models
         self.assertEqual(m, Model(id="m1", mode="Chat", port=18101, plans=(
             Plan(name="CPU", required_devices=("cpu",), script_path="run.sh"),)))
         self.assertEqual(
             (m.aliases, m.auto_start, m.alive_time, m.start_timeout, m.health_path,
-             m.upstream_model, m.stop_timeout, m.max_concurrency, m.max_queue),
-            ((), False, None, 300.0, None, None, 10.0, None, 100))
+             m.upstream_model, m.stop_timeout, m.max_concurrency, m.max_queue, m.priority,
+             m.turn_time),
+            ((), False, None, 300.0, None, None, 10.0, None, 1000, 0.0, None))
         self.assertEqual((m.plans[0].memory_mb, m.plans[0].env, m.plans[0].stop_command),
                          ({}, {}, None))
 
@@ -148,6 +150,8 @@ class ValidConfigTests(ConfigTestCase):
             stop_timeout: 0
             max_concurrency: 2
             max_queue: 0
+            priority: 2
+            turn_time: 3
         """, plan="""\
             GPU:
               required_devices: [gpu0, cpu]
@@ -171,7 +175,13 @@ class ValidConfigTests(ConfigTestCase):
             health_interval: 1
             stream_idle_timeout: 5
             backend_header_timeout: 6
-            placement_wait: 0
+            queue_timeout: 0
+            turn_factor: 3
+            turn_min: 1
+            turn_max: 30
+            turn_time: 5
+            priority_step: 20
+            connect_burst: 8
             shutdown_timeout: 0
             api_keys: [k1, k2]
             admin_api_keys: [adm]
@@ -183,14 +193,17 @@ class ValidConfigTests(ConfigTestCase):
             host="::1", port=9000, log_level="DEBUG", log_format="json", alive_time=0.0,
             device_plugin_dir="/srv/node/plugins", log_dir="/var/log/llmnode",
             runtime_dir="/srv/node/state", max_body_mb=0.5, health_interval=1.0,
-            stream_idle_timeout=5.0, backend_header_timeout=6.0, placement_wait=0.0,
+            stream_idle_timeout=5.0, backend_header_timeout=6.0, queue_timeout=0.0,
+            turn_factor=3.0, turn_min=1.0, turn_max=30.0, turn_time=5.0, priority_step=20.0,
+            connect_burst=8,
             shutdown_timeout=0.0, api_keys=("k1", "k2"), admin_api_keys=("adm",),
             open_health=False, metrics_auth=False))
         [m] = config.models
         self.assertEqual(
             (m.aliases, m.auto_start, m.alive_time, m.start_timeout, m.health_path,
-             m.upstream_model, m.stop_timeout, m.max_concurrency, m.max_queue),
-            (("a1",), True, 0.5, 20.0, "/v1/models", "real-name", 0.0, 2, 0))
+             m.upstream_model, m.stop_timeout, m.max_concurrency, m.max_queue, m.priority,
+             m.turn_time),
+            (("a1",), True, 0.5, 20.0, "/v1/models", "real-name", 0.0, 2, 0, 2.0, 3.0))
         self.assertEqual([p.name for p in m.plans], ["GPU", "CPU"])
         gpu = m.plans[0]
         self.assertEqual(gpu.required_devices, ("gpu0", "cpu"))
@@ -371,6 +384,14 @@ class ProblemTests(ConfigTestCase):
         """)), "Local-Models.Qwen-14B.Standard-Config.memory_mb",
             "expected a mapping of device name to MB, got a list")
 
+    def test_the_old_name_of_queue_timeout_is_read_with_a_warning(self):
+        config = self.load(seed(model(), program="""\
+            placement_wait: 45
+        """))
+        self.assertEqual(config.program.queue_timeout, 45.0)
+        self.assertEqual(config.warnings, (
+            "program.placement_wait: renamed to queue_timeout; read as queue_timeout",))
+
     def test_bad_sizes(self):
         found = self.problems(seed(model(extra="""\
             alive_time: -1
@@ -389,14 +410,16 @@ class ProblemTests(ConfigTestCase):
             stream_idle_timeout: -1
             backend_header_timeout: .inf
             max_body_mb: true
-            placement_wait: -3
+            queue_timeout: -3
+            connect_burst: 0
         """))
         for path in ("Local-Models.m1.alive_time", "Local-Models.m1.start_timeout",
                      "Local-Models.m1.stop_timeout", "Local-Models.m1.max_concurrency",
                      "Local-Models.m1.max_queue", "Local-Models.m1.P.memory_mb.cpu",
                      "program.alive_time", "program.health_interval",
                      "program.stream_idle_timeout", "program.backend_header_timeout",
-                     "program.max_body_mb", "program.placement_wait"):
+                     "program.max_body_mb", "program.queue_timeout",
+                     "program.connect_burst"):
             self.assertTrue(any(line.startswith(path + ": ") for line in found), path)
         self.assertIn("Local-Models.m1.start_timeout: expected a number, got a string ('10')",
                       found)

@@ -1,4 +1,5 @@
-"""Loading progress: a streaming request waiting on a cold start gets SSE comments."""
+"""Loading progress: a streaming request waiting for its turn gets SSE comments saying what it
+waits for."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class LoadingCommentsTests(TestCase):
         events = [e for e in body.split("\n\n") if e]
         comments = [e for e in events if e.startswith(":")]
         self.assertGreaterEqual(len(comments), 2)
-        self.assertEqual(comments, [f": loading slow ({n} s)" for n in range(1, len(comments) + 1)])
+        self.assertEqual(comments, [f": waiting {n} s: loading slow"
+                                    for n in range(1, len(comments) + 1)])
         self.assertEqual(events[:len(comments)], comments, "comments come before any data")
         self.assertTrue(events[len(comments)].startswith("data: {"))
         self.assertEqual(events[-1], "data: [DONE]")
@@ -57,7 +59,7 @@ class LoadingCommentsTests(TestCase):
         body = (await response.content()).decode()
         self.assertEqual(response.code, 200)
         events = [e for e in body.split("\n\n") if e]
-        self.assertEqual(events[0], ": loading slow (1 s)")
+        self.assertEqual(events[0], ": waiting 1 s: loading slow")
         error = json.loads(events[-1][len("data: "):])["error"]
         self.assertIn("bad weights", error["message"])
 

@@ -1,4 +1,5 @@
-"""Model runtime state logic, driven synchronously with a Clock and fake backends."""
+"""The node carrying out the scheduler's decisions, driven synchronously with a Clock and
+fake backends: shared starts, crashes, stops, accounting, reloads."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmnode.config import Config, Model, Plan, Program
+from llmnode.devices import Device
 from llmnode.errors import Overloaded, Unavailable
-from llmnode.node import (FAILED, RUNNING, STARTING, STOPPED, CrashHistory, CrashPolicy, Node,
-                          backend_environment)
+from llmnode.node import (FAILED, RUNNING, STARTING, STOPPED, STOPPING, CrashHistory,
+                          CrashPolicy, Node, backend_environment)
 
 
 class FakeBackend:
@@ -26,10 +28,11 @@ class FakeBackend:
     async def start(self):
         await self.started
 
-    async def stop(self):
+    def stop(self):
         self.stopped += 1
         if not self.started.called:
             self.started.errback(RuntimeError("killed"))
+        return defer.succeed(None)
 
     def exited(self):
         d = defer.Deferred()
@@ -48,49 +51,46 @@ class FakePlacement:
     memory: dict = field(default_factory=lambda: {"cpu": 100})
 
 
-def make_model(model_id="m", port=10001, **kw):
+def make_model(model_id="m", port=10001, memory=100, **kw):
     plan = Plan(name="CPU", required_devices=("cpu",), script_path="true",
-                memory_mb={"cpu": 100}, env={"A": "1"})
+                memory_mb={"cpu": memory}, env={"A": "1"})
     return Model(id=model_id, mode="Chat", port=port, plans=(plan,), **kw)
 
 
 class Harness:
-    def __init__(self, models=None):
+    """A node over fake backends and one cpu device of C{total_mb}; it is its own
+    L{llmnode.node.NodeEffects}."""
+
+    def __init__(self, models=None, total_mb=1000, program=Program()):
         self.clock = Clock()
         self.backends = []
-        self.placed = []
-        self.released = []
-        self.changes = 0
-        self.place_error = None
-        config = Config(program=Program(), models=tuple(models or [make_model()]))
-        self.node = Node(config, self.clock, place=self.place, release=self.release,
-                         make_backend=self.make_backend, log_path=lambda m: f"/logs/{m.id}.log",
-                         changed=self.changed, crash_policy=CrashPolicy(limit=3, window=60,
-                                                                        hold=30))
+        self.cpu = Device(id="cpu", kind="cpu", name="cpu", total_mb=total_mb,
+                          free_mb=total_mb)
+        config = Config(program=program, models=tuple(models or [make_model()]))
+        self.node = Node(config, self.clock, self,
+                         crash_policy=CrashPolicy(limit=3, window=60, hold=30))
+        self.node.devices_changed({"cpu": self.cpu})
 
-    async def place(self, runtime):
-        if self.place_error is not None:
-            raise self.place_error
-        self.placed.append(runtime.model.id)
-        return FakePlacement(runtime.model.plans[0])
-
-    def release(self, runtime):
-        self.released.append(runtime.model.id)
-
-    def make_backend(self, runtime, placement):
+    def make_backend(self, model, placement):
         backend = FakeBackend(pid=1000 + len(self.backends))
         self.backends.append(backend)
         return backend
 
-    def changed(self):
-        self.changes += 1
+    def refresh_devices(self):
+        return defer.succeed({"cpu": self.cpu})
+
+    def log_path(self, model):
+        return f"/logs/{model.id}.log"
+
+    def reserved(self, model_id="m"):
+        return self.node.scheduler.ledger.of(model_id)
 
 
 class StartTests(SynchronousTestCase):
     def test_concurrent_requests_share_one_start(self):
         h = Harness()
         runtime = h.node.lookup("m")
-        waits = [runtime.ensure_running() for _ in range(50)]
+        waits = [runtime.start() for _ in range(50)]
         self.assertEqual(len(h.backends), 1)
         self.assertEqual(runtime.state, STARTING)
         h.backends[0].started.callback(None)
@@ -102,50 +102,49 @@ class StartTests(SynchronousTestCase):
     def test_failed_start_fails_every_waiter_with_the_same_error(self):
         h = Harness()
         runtime = h.node.lookup("m")
-        waits = [runtime.ensure_running() for _ in range(5)]
+        waits = [runtime.start() for _ in range(5)]
         h.backends[0].started.errback(RuntimeError("exited with status 1: no weights"))
         errors = {str(self.failureResultOf(d, Unavailable).value) for d in waits}
         self.assertEqual(len(errors), 1)
         self.assertIn("no weights", errors.pop())
         self.assertEqual(runtime.state, FAILED)
-        self.assertEqual(h.released, ["m"])
+        self.assertEqual(h.reserved(), {}, "its memory is released")
         self.assertEqual(len(h.backends), 1, "no retry storm")
 
     def test_cancelled_waiter_leaves_the_start_alone(self):
         h = Harness()
         runtime = h.node.lookup("m")
-        leaving = runtime.ensure_running()
-        staying = runtime.ensure_running()
+        leaving = runtime.start()
+        staying = runtime.start()
         leaving.cancel()
         self.failureResultOf(leaving, defer.CancelledError)
         h.backends[0].started.callback(None)
         self.assertEqual(self.successResultOf(staying), ("127.0.0.1", 10001))
         self.assertEqual(runtime.state, RUNNING)
 
-    def test_placement_failure_is_reported_and_releases_nothing_held(self):
-        h = Harness()
-        h.place_error = Unavailable("cannot place m: needs 100 MB on cpu, 10 MB free",
-                                    retry_after=5)
+    def test_a_model_that_can_never_fit_is_refused_at_once_with_the_reason(self):
+        h = Harness([make_model(memory=5000)])
         runtime = h.node.lookup("m")
-        failure = self.failureResultOf(runtime.ensure_running(), Unavailable)
-        self.assertIn("10 MB free", failure.value.message)
-        self.assertEqual(failure.value.retry_after, 5)
+        failure = self.failureResultOf(runtime.start(), Unavailable)
+        self.assertIn("needs 5000 MB on cpu", failure.value.message)
+        self.assertIn("not even on idle devices", failure.value.message)
         self.assertEqual(h.backends, [])
-        self.assertEqual(runtime.state, FAILED)
+        self.assertEqual(runtime.state, STOPPED)
+        self.assertEqual(h.reserved(), {})
 
     def test_running_model_answers_at_once(self):
         h = Harness()
         runtime = h.node.lookup("m")
-        runtime.ensure_running()
+        runtime.start()
         h.backends[0].started.callback(None)
-        self.assertEqual(self.successResultOf(runtime.ensure_running()), ("127.0.0.1", 10001))
+        self.assertEqual(self.successResultOf(runtime.start()), ("127.0.0.1", 10001))
         self.assertEqual(len(h.backends), 1)
 
 
 class CrashTests(SynchronousTestCase):
     def running(self, h):
         runtime = h.node.lookup("m")
-        runtime.ensure_running()
+        runtime.start()
         h.backends[-1].started.callback(None)
         self.assertEqual(runtime.state, RUNNING)
         return runtime
@@ -153,18 +152,21 @@ class CrashTests(SynchronousTestCase):
     def test_crash_changes_state_at_once(self):
         h = Harness()
         runtime = self.running(h)
+        seen = []
+        runtime.lifecycle.subscribe(lambda t: seen.append((t.old, t.new)))
         h.backends[0].crash("exit status 3")
-        self.assertEqual(runtime.state, FAILED)
+        self.assertEqual(seen, [(RUNNING, STOPPING), (STOPPING, FAILED)],
+                         "the group is swept, then the model is failed")
         self.assertIn("exit status 3", runtime.last_error)
         self.assertEqual(runtime.crashes, 1)
         self.assertEqual(h.backends[0].stopped, 1, "the rest of the group is swept")
-        self.assertEqual(h.released, ["m"])
+        self.assertEqual(h.reserved(), {})
 
     def test_next_request_restarts_after_a_crash(self):
         h = Harness()
         runtime = self.running(h)
         h.backends[0].crash()
-        d = runtime.ensure_running()
+        d = runtime.start()
         self.assertEqual(len(h.backends), 2)
         h.backends[1].started.callback(None)
         self.successResultOf(d)
@@ -177,12 +179,12 @@ class CrashTests(SynchronousTestCase):
             h.clock.advance(5)
             h.backends[-1].crash()
         runtime = h.node.lookup("m")
-        failure = self.failureResultOf(runtime.ensure_running(), Unavailable)
+        failure = self.failureResultOf(runtime.enqueue().ready, Unavailable)
         self.assertIn("held back", failure.value.message)
         self.assertAlmostEqual(failure.value.retry_after, 30)
         self.assertEqual(len(h.backends), 3)
         h.clock.advance(31)
-        runtime.ensure_running()
+        runtime.start()
         self.assertEqual(len(h.backends), 4, "starts are allowed again after the hold")
 
     def test_crashes_spread_over_time_are_not_held_back(self):
@@ -191,7 +193,7 @@ class CrashTests(SynchronousTestCase):
             self.running(h)
             h.clock.advance(40)
             h.backends[-1].crash()
-        self.assertIsNone(h.node.lookup("m").history.retry_after())
+        self.assertIsNone(h.node.lookup("m").slot.history.retry_after(h.clock.seconds()))
 
     def test_exit_after_stop_is_not_a_crash(self):
         h = Harness()
@@ -206,27 +208,29 @@ class StopTests(SynchronousTestCase):
     def test_stop_releases_memory_and_sets_stopped(self):
         h = Harness()
         runtime = h.node.lookup("m")
-        runtime.ensure_running()
+        runtime.start()
         h.backends[0].started.callback(None)
         self.successResultOf(runtime.stop())
         self.assertEqual(runtime.state, STOPPED)
-        self.assertEqual(h.released, ["m"])
+        self.assertEqual(h.reserved(), {})
         self.assertIsNone(runtime.info()["pid"])
 
     def test_stop_while_starting_abandons_the_start(self):
         h = Harness()
         runtime = h.node.lookup("m")
-        waiting = runtime.ensure_running()
+        waiting = runtime.start()
         stopped = runtime.stop()
         self.successResultOf(stopped)
         self.assertEqual(runtime.state, STOPPED)
         self.failureResultOf(waiting, Unavailable)
-        self.assertEqual(h.released, ["m"])
+        self.assertEqual(h.reserved(), {})
+        self.assertEqual(h.backends[0].stopped, 1)
+        self.assertEqual(len(h.backends), 1)
 
     def test_stop_all_stops_every_model(self):
         h = Harness([make_model("a", 1), make_model("b", 2)])
         for name in "ab":
-            h.node.lookup(name).ensure_running()
+            h.node.lookup(name).start()
         for backend in h.backends:
             backend.started.callback(None)
         self.successResultOf(h.node.stop_all())
@@ -238,14 +242,26 @@ class AccountingTests(SynchronousTestCase):
     def test_last_used_is_set_when_a_request_ends(self):
         h = Harness()
         runtime = h.node.lookup("m")
-        runtime.request_started()
+        runtime.start()
+        h.backends[0].started.callback(None)
+        self.assertTrue(runtime.try_admit())
         h.clock.advance(100)
         self.assertEqual(runtime.in_flight, 1)
-        runtime.request_finished()
+        runtime.request_finished("chat", 200)
         self.assertEqual(runtime.in_flight, 0)
         self.assertEqual(runtime.last_used, 100)
         self.assertEqual(runtime.requests_served, 1)
-        self.assertGreater(h.changes, 0, "placement waiters are woken")
+
+    def test_a_request_whose_client_left_while_queued_is_not_served(self):
+        h = Harness()
+        runtime = h.node.lookup("m")
+        ticket = runtime.enqueue()
+        ticket.ready.cancel()
+        self.failureResultOf(ticket.ready, defer.CancelledError)
+        runtime.request_abandoned(ticket, "chat", 499)
+        self.assertEqual(runtime.requests_served, 0)
+        self.assertEqual(runtime.responses[("chat", 499)], 1)
+        self.assertEqual(runtime.queued, 0)
 
     def test_lookup_by_alias(self):
         h = Harness([make_model("m", aliases=("gpt-4", "mm"))])
@@ -255,14 +271,26 @@ class AccountingTests(SynchronousTestCase):
 
 class CrashHistoryTests(SynchronousTestCase):
     def test_hold_expires(self):
-        clock = Clock()
-        history = CrashHistory(clock, CrashPolicy(limit=2, window=10, hold=5))
-        history.record()
-        self.assertIsNone(history.retry_after())
-        history.record()
-        self.assertEqual(history.retry_after(), 5)
-        clock.advance(5)
-        self.assertIsNone(history.retry_after())
+        history = CrashHistory(CrashPolicy(limit=2, window=10, hold=5))
+        history.record(0)
+        self.assertIsNone(history.retry_after(0))
+        history.record(0)
+        self.assertEqual(history.retry_after(0), 5)
+        self.assertIsNone(history.retry_after(5))
+
+    def test_an_operators_start_lifts_the_hold_back(self):
+        h = Harness()
+        runtime = h.node.lookup("m")
+        for _ in range(3):
+            runtime.start()
+            h.backends[-1].started.callback(None)
+            h.backends[-1].crash()
+        self.failureResultOf(runtime.enqueue().ready, Unavailable)
+        started = runtime.start()
+        self.assertEqual(len(h.backends), 4, "the operator's start goes through")
+        h.backends[-1].started.callback(None)
+        self.successResultOf(started)
+        self.assertIsNone(runtime.info()["held_back_for"])
 
 
 class EnvironmentTests(SynchronousTestCase):
@@ -280,48 +308,58 @@ class EnvironmentTests(SynchronousTestCase):
 
 class ConcurrencyTests(SynchronousTestCase):
     def runtime(self, limit=2, queue=1):
-        return Harness([make_model(max_concurrency=limit, max_queue=queue)]).node.lookup("m")
+        h = Harness([make_model(max_concurrency=limit, max_queue=queue)])
+        runtime = h.node.lookup("m")
+        runtime.start()
+        h.backends[0].started.callback(None)
+        return runtime
 
     def test_requests_over_the_limit_wait_for_a_slot(self):
         runtime = self.runtime()
-        first, second, third = runtime.admit(), runtime.admit(), runtime.admit()
-        self.successResultOf(first)
-        self.successResultOf(second)
-        self.assertNoResult(third)
+        self.assertTrue(runtime.try_admit())
+        self.assertTrue(runtime.try_admit())
+        self.assertFalse(runtime.try_admit())
+        third = runtime.enqueue()
+        self.assertNoResult(third.ready)
         self.assertEqual(runtime.queued, 1)
-        runtime.leave()
-        self.successResultOf(third)
-        self.assertEqual(runtime.queued, 0)
+        runtime.request_finished()
+        self.assertEqual(self.successResultOf(third.ready), ("127.0.0.1", 10001))
+        self.assertTrue(third.forwarded)
+        self.assertEqual((runtime.queued, runtime.in_flight), (0, 2))
 
     def test_a_full_queue_answers_429(self):
         runtime = self.runtime(limit=1, queue=1)
-        runtime.admit(), runtime.admit()
-        failure = self.failureResultOf(runtime.admit(), Overloaded)
+        runtime.try_admit()
+        runtime.enqueue()
+        failure = self.failureResultOf(runtime.enqueue().ready, Overloaded)
         self.assertEqual(failure.value.status, 429)
-        self.assertEqual(failure.value.retry_after, 1)
+        self.assertGreaterEqual(failure.value.retry_after, 1)
 
     def test_a_waiter_that_leaves_gives_up_its_place(self):
         runtime = self.runtime(limit=1, queue=5)
-        runtime.admit()
-        leaving, staying = runtime.admit(), runtime.admit()
-        leaving.cancel()
-        self.failureResultOf(leaving, defer.CancelledError)
-        runtime.leave()
-        self.successResultOf(staying)
-        runtime.leave()
-        self.assertEqual(self.successResultOf(runtime.admit()), None, "the slot is free again")
+        runtime.try_admit()
+        leaving, staying = runtime.enqueue(), runtime.enqueue()
+        leaving.ready.cancel()
+        self.failureResultOf(leaving.ready, defer.CancelledError)
+        runtime.request_finished()
+        self.successResultOf(staying.ready)
+        runtime.request_finished()
+        self.assertTrue(runtime.try_admit(), "the slot is free again")
 
     def test_no_limit_admits_everything(self):
-        runtime = Harness().node.lookup("m")
+        h = Harness()
+        runtime = h.node.lookup("m")
+        runtime.start()
+        h.backends[0].started.callback(None)
         for _ in range(1000):
-            self.successResultOf(runtime.admit())
+            self.assertTrue(runtime.try_admit())
 
 
 class ReloadTests(SynchronousTestCase):
     def running_harness(self, *models):
         h = Harness(list(models))
         for runtime in h.node.runtimes():
-            runtime.ensure_running()
+            runtime.start()
         for backend in h.backends:
             backend.started.callback(None)
         h.clock.advance(0)
@@ -352,12 +390,14 @@ class ReloadTests(SynchronousTestCase):
     def test_changed_model_waits_for_its_requests(self):
         h = self.running_harness(make_model("a", 1))
         runtime = h.node.lookup("a")
-        runtime.request_started()
+        self.assertTrue(runtime.try_admit())
         h.node.reload(self.new_config(h, make_model("a", 1, start_timeout=5)))
         self.assertEqual(h.backends[0].stopped, 0, "never stopped mid-request")
+        self.assertFalse(runtime.try_admit(), "a draining model admits nothing new")
         runtime.request_finished()
         self.assertEqual(h.backends[0].stopped, 1)
         self.assertEqual(runtime.model.start_timeout, 5)
+        self.assertEqual(len(h.backends), 2, "started again with the new settings")
 
     def test_removed_model_stops_and_is_forgotten(self):
         h = self.running_harness(make_model("a", 1), make_model("b", 2))
@@ -372,6 +412,21 @@ class ReloadTests(SynchronousTestCase):
         outcome = h.node.reload(self.new_config(h, make_model("a", 1), make_model("c", 3)))
         self.assertEqual(outcome["added"], ["c"])
         self.assertEqual(h.node.lookup("c").state, STOPPED)
+
+    def test_a_model_re_added_on_a_busy_port_starts_once_the_old_backend_is_gone(self):
+        h = self.running_harness(make_model("a", 1))
+        old = h.node.lookup("a")
+        self.assertTrue(old.try_admit())  # a stream in flight
+        h.node.reload(self.new_config(h, make_model("b", 1)))
+        b = h.node.lookup("b")
+        waiting = b.enqueue()
+        self.assertEqual(len(h.backends), 1, "b waits: a still holds port 1")
+        self.assertIn("a to free port 1", b.info()["waiting_for"])
+        old.request_finished()
+        self.assertEqual(h.backends[0].stopped, 1)
+        self.assertEqual(len(h.backends), 2, "b starts once a is gone")
+        h.backends[1].started.callback(None)
+        self.successResultOf(waiting.ready)
 
     def test_program_changes_are_reported_not_applied(self):
         h = self.running_harness(make_model("a", 1))

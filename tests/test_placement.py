@@ -1,19 +1,15 @@
-"""Plan choice, the memory ledger, eviction and the Placer."""
+"""Plan choice, the memory ledger and the choice of models to stop (pure placement)."""
 
 from __future__ import annotations
 
 from types import MappingProxyType
 
 from hypothesis import given, settings, strategies as st
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock
-from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmnode.config import Model, Plan
-from llmnode.devices import Device, DeviceMonitor
-from llmnode.errors import Unavailable
-from llmnode.placement import (Ledger, Placer, Resident, choose, explain, free_mb, matches,
+from llmnode.devices import Device
+from llmnode.placement import (Ledger, Resident, choose, explain, free_mb, matches,
                                plan_eviction)
 
 RTX = "NVIDIA GeForce RTX 4060"
@@ -209,162 +205,6 @@ class EvictionTests(SynchronousTestCase):
             explain(m, self.devices, self.ledger),
             f"cannot place demo-chat: plan GPU needs 4000 MB on gpu0 ({RTX}), 2000 MB free "
             "(8000 reserved by a, b) | plan TPU no device matches 'tpu'")
-
-
-class FakeNode:
-    """Simulated devices whose reported free memory follows what running models use."""
-
-    def __init__(self, clock, **totals):
-        self.clock = clock
-        self.totals = totals
-        self.used: dict[str, dict[str, float]] = {}
-        self.residents: dict[str, Resident] = {}
-        self.ledger = Ledger()
-        self.stops: list[str] = []
-        self.pending_stops: dict[str, Deferred] = {}
-        self.release_memory_late = False
-        self.monitor = DeviceMonitor(clock, [self], run_in_thread=lambda f: succeed(f()),
-                                     log=Logger(observer=lambda e: None))
-
-    name = "sim"
-
-    def devices(self):
-        return [Device(d, "gpu", f"Sim {d}", total,
-                       total - sum(u.get(d, 0) for u in self.used.values()))
-                for d, total in self.totals.items()]
-
-    def run(self, id, reserved, idle_since=0.0, in_flight=0):
-        self.ledger.reserve(id, reserved)
-        self.used[id] = dict(reserved)
-        self.residents[id] = resident(id, reserved, idle_since, in_flight)
-
-    def stop(self, id):
-        self.stops.append(id)
-        d = Deferred()
-        self.pending_stops[id] = d
-
-        def stopped(_):
-            self.ledger.release(id)
-            del self.residents[id]
-            if not self.release_memory_late:
-                del self.used[id]
-
-        return d.addCallback(stopped)
-
-    def finish_stop(self, id):
-        self.pending_stops.pop(id).callback(None)
-
-
-class PlacerTests(SynchronousTestCase):
-
-    def setUp(self):
-        self.clock = Clock()
-        self.node = FakeNode(self.clock, gpu0=10000)
-        self.lines: list[str] = []
-        self.placer = Placer(self.clock, self.node.monitor, self.node.ledger, wait_timeout=60,
-                             poll_interval=0.1, reclaim_timeout=30, recheck_interval=5,
-                             retry_after=7,
-                             log=Logger(observer=lambda e: self.lines.append(formatEvent(e))))
-
-    def place(self, m):
-        return Deferred.fromCoroutine(self.placer.place(
-            m, lambda: list(self.node.residents.values()), self.node.stop))
-
-    def test_fits_now_and_reserves(self):
-        placement = self.successResultOf(self.place(model("m", plan("P", "gpu0", gpu0=6000))))
-        self.assertEqual(dict(placement.memory), {"gpu0": 6000})
-        self.assertEqual(self.node.ledger.of("m"), {"gpu0": 6000})
-        second = self.place(model("n", plan("P", "gpu0", gpu0=6000)))
-        self.assertNoResult(second)
-        self.clock.advance(60)
-        failure = self.failureResultOf(second, Unavailable)
-        self.assertIn("needs 6000 MB on gpu0 (Sim gpu0), 4000 MB free (6000 reserved by m)",
-                      failure.value.message)
-        self.assertEqual(failure.value.retry_after, 7)
-        self.assertEqual(self.node.ledger.models(), ["m"])
-
-    def test_stops_idle_models_then_places(self):
-        self.node.run("old", {"gpu0": 8000}, idle_since=-100)
-        self.clock.advance(1)
-        d = self.place(model("new", plan("P", "gpu0", gpu0=6000)))
-        self.assertEqual(self.node.stops, ["old"])
-        self.assertNoResult(d)
-        self.node.finish_stop("old")
-        self.assertEqual(dict(self.successResultOf(d).memory), {"gpu0": 6000})
-        self.assertEqual(self.node.ledger.models(), ["new"])
-
-    def test_waits_for_the_device_to_report_memory_back(self):
-        self.node.run("old", {"gpu0": 8000})
-        self.node.release_memory_late = True
-        d = self.place(model("new", plan("P", "gpu0", gpu0=6000)))
-        self.node.finish_stop("old")
-        self.clock.advance(0.1)
-        self.clock.advance(0.1)
-        self.assertNoResult(d)
-        del self.node.used["old"]
-        self.clock.advance(0.1)
-        self.assertEqual(self.node.ledger.of("new"), {"gpu0": 6000})
-        self.successResultOf(d)
-
-    def test_memory_never_given_back_ends_in_unavailable(self):
-        self.node.run("old", {"gpu0": 8000})
-        self.node.release_memory_late = True
-        d = self.place(model("new", plan("P", "gpu0", gpu0=6000)))
-        self.node.finish_stop("old")
-        for _ in range(700):
-            self.clock.advance(0.1)
-        self.assertTrue(any("memory not given back 30 s after stopping old" in line
-                            for line in self.lines))
-        failure = self.failureResultOf(d, Unavailable)
-        self.assertIn("needs 6000 MB on gpu0", failure.value.message)
-        self.assertEqual(self.node.ledger.models(), [])
-
-    def test_waits_for_busy_models_and_wakes_on_change(self):
-        self.node.run("busy", {"gpu0": 8000}, in_flight=1)
-        d = self.place(model("new", plan("P", "gpu0", gpu0=6000)))
-        self.clock.advance(3)
-        self.assertEqual(self.node.stops, [])
-        self.assertNoResult(d)
-        self.node.residents["busy"] = resident("busy", {"gpu0": 8000}, idle_since=3)
-        self.placer.changed()
-        self.assertEqual(self.node.stops, ["busy"])
-        self.node.finish_stop("busy")
-        self.successResultOf(d)
-
-    def test_rechecks_without_a_change_call(self):
-        self.node.used["outside"] = {"gpu0": 9000}
-        d = self.place(model("new", plan("P", "gpu0", gpu0=6000)))
-        del self.node.used["outside"]
-        self.assertNoResult(d)
-        self.clock.advance(5)
-        self.successResultOf(d)
-
-    def test_never_fitting_model_fails_at_once(self):
-        d = self.place(model("huge", plan("P", "gpu0", gpu0=20000), plan("Q", "tpu")))
-        failure = self.failureResultOf(d, Unavailable)
-        self.assertIn("not even on idle devices", failure.value.message)
-        self.assertIn("no device matches 'tpu'", failure.value.message)
-        self.assertEqual(failure.value.retry_after, 7)
-
-    def test_decisions_are_serialised(self):
-        self.node.run("old", {"gpu0": 8000})
-        first = self.place(model("a", plan("P", "gpu0", gpu0=6000)))
-        second = self.place(model("b", plan("P", "gpu0", gpu0=3000)))
-        self.assertEqual(self.node.stops, ["old"])
-        self.assertEqual(self.node.ledger.models(), ["old"])
-        self.node.finish_stop("old")
-        self.successResultOf(first)
-        self.successResultOf(second)
-        self.assertEqual(sorted(self.node.ledger.models()), ["a", "b"])
-        self.assertEqual(self.node.ledger.reserved_mb("gpu0"), 9000)
-
-    def test_cancelled_waiter_leaves_no_timer(self):
-        self.node.run("busy", {"gpu0": 8000}, in_flight=1)
-        d = self.place(model("new", plan("P", "gpu0", gpu0=6000)))
-        d.cancel()
-        self.failureResultOf(d)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.successResultOf(self.place(model("small", plan("P", "gpu0", gpu0=1000))))
 
 
 DEVICE_TOTALS = {"gpu0": 8000, "gpu1": 16000, "cpu": 32000}

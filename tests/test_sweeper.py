@@ -39,8 +39,10 @@ class FakeRuntime:
         self.state = state
         self.stop_result = stop_result
         self.stops: list[float] = []
+        self.reasons: list[str] = []
 
-    def stop(self):
+    def stop(self, reason="admin"):
+        self.reasons.append(reason)
         self.stops.append(self.clock.seconds())
         if self.stop_result is not None:
             return self.stop_result()

@@ -60,6 +60,7 @@ class DeviceMonitor:
         self._busy = False
         self._loop: Optional[LoopingCall] = None
         self._duplicates: set[tuple[str, str]] = set()
+        self._subscribers: list[Callable[[Mapping[str, Device]], None]] = []
 
     @property
     def plugins(self) -> list:
@@ -69,6 +70,10 @@ class DeviceMonitor:
     def devices(self) -> Mapping[str, Device]:
         """The latest snapshot (read-only), in plugin order."""
         return self._devices
+
+    def subscribe(self, subscriber: Callable[[Mapping[str, Device]], None]) -> None:
+        """Call C{subscriber(snapshot)} after every refresh (before the refresh's waiters)."""
+        self._subscribers.append(subscriber)
 
     def start(self) -> None:
         """Refresh now and every C{interval} seconds until L{stop}."""
@@ -130,6 +135,11 @@ class DeviceMonitor:
         except Exception:
             self._log.failure("building the device snapshot failed")
         self._busy = False
+        for subscriber in self._subscribers:
+            try:
+                subscriber(self._devices)
+            except Exception:
+                self._log.failure("a device snapshot subscriber failed")
         for waiter in waiters:
             waiter.callback(self._devices)
         if self._waiting and not self._busy:

@@ -16,7 +16,7 @@ from twisted.web.server import NOT_DONE_YET
 from llmnode import __version__
 from llmnode.config import ConfigError, load_config
 from llmnode.errors import BadRequest, ModelNotFound, NodeError
-from llmnode.node import STATES
+from llmnode.lifecycle import STATES, STOPPED
 from llmnode.web.common import (ErrorResource, PendingResponse, method_not_allowed, render_error,
                                 render_json)
 
@@ -139,7 +139,7 @@ class StopAllResource(_JSONResource):
         self.api = api
 
     def json_POST(self, request):
-        runtimes = [r for r in self.api.node.runtimes() if r.state != "stopped"]
+        runtimes = [r for r in self.api.node.runtimes() if r.state is not STOPPED]
         d = self.api.node.stop_all()
         d.addCallback(lambda _: (200, {"stopped": [r.model.id for r in runtimes]}))
         return d
@@ -178,7 +178,7 @@ class ModelStart(_ModelLeaf):
 
     def json_POST(self, request):
         wait = request.args.get(b"wait", [b"true"])[-1].lower() not in (b"false", b"0", b"no")
-        d = self.runtime.ensure_running()
+        d = self.runtime.start()
         if not wait:
             d.addErrback(lambda f: None)
             return 202, self.runtime.info()
@@ -187,6 +187,9 @@ class ModelStart(_ModelLeaf):
 
 
 class ModelStop(_ModelLeaf):
+    """Stop a model: it admits nothing new, its requests in flight finish, then it stops;
+    answers once it is stopped."""
+
     def json_POST(self, request):
         d = self.runtime.stop()
         d.addCallback(lambda _: (200, self.runtime.info()))

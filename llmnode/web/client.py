@@ -17,6 +17,7 @@ Build the client with L{make_client}.
 from __future__ import annotations
 
 import socket
+from collections import deque
 from functools import lru_cache
 from http.cookiejar import CookieJar
 from typing import Optional
@@ -137,12 +138,12 @@ _VERBS = {name: name.upper().encode("ascii")
                        "get", "post", "put", "patch", "delete", "head", "options")}
 
 
-def make_client(reactor, *, cookiejar=None, connect_timeout: float = 10.0
-                ) -> tuple[HTTPClient, "BackendAgent"]:
+def make_client(reactor, *, cookiejar=None, connect_timeout: float = 10.0,
+                connect_burst: Optional[int] = None) -> tuple[HTTPClient, "BackendAgent"]:
     """A L{BackendClient} (C{treq.HTTPClient}) over a L{BackendAgent}, and the agent (close it
     on shutdown with C{closeCachedConnections}). Without C{cookiejar}, cookies are neither kept
     nor sent (L{NoCookies})."""
-    agent = BackendAgent(reactor, connect_timeout=connect_timeout)
+    agent = BackendAgent(reactor, connect_timeout=connect_timeout, connect_burst=connect_burst)
     if cookiejar is None:
         cookiejar = NoCookies()
     client = BackendClient(agent, cookiejar=cookiejar, data_to_body_producer=body_producer)
@@ -192,7 +193,7 @@ class _Request:
     Deferred its response fires."""
 
     __slots__ = ("method", "uri", "path", "key", "authority", "headers", "body", "deferred",
-                 "connector", "connection", "body_pending")
+                 "connector", "connection", "body_pending", "backlog")
 
     def __init__(self, method, uri, path, key, authority, headers, body):
         self.method = method
@@ -205,10 +206,14 @@ class _Request:
         self.connector = None
         self.connection: Optional[_Connection] = None
         self.body_pending = False
+        self.backlog: Optional[deque] = None
         self.deferred: Deferred = Deferred(self._cancel)
 
     def _cancel(self, deferred) -> None:
-        if self.connection is not None:
+        if self.backlog is not None:
+            self.backlog.remove(self)
+            self.backlog = None
+        elif self.connection is not None:
             self.connection.abort()
         elif self.connector is not None:
             self.connector.stopConnecting()
@@ -245,12 +250,20 @@ class BackendAgent:
     @param reactor: an C{IReactorTCP}.
     @param connect_timeout: seconds a TCP connect may take.
     @param max_idle: idle connections kept per host and port.
+    @param connect_burst: most connections being opened to one host and port at once (None:
+        no limit). A request that finds none idle while that many are being opened waits for
+        the first connection to come free or to be opened: a backend that just became ready
+        is never sent more connection attempts at once than its listen backlog may hold.
     """
 
-    def __init__(self, reactor, *, connect_timeout: float = 10.0, max_idle: int = 64):
+    def __init__(self, reactor, *, connect_timeout: float = 10.0, max_idle: int = 64,
+                 connect_burst: Optional[int] = None):
         self._reactor = reactor
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle
+        self._burst = connect_burst
+        self._connecting: dict[tuple, int] = {}
+        self._backlog: dict[tuple, deque] = {}
         self._idle: dict[tuple, list[_Connection]] = {}
         self._targets: dict[bytes, tuple] = {}
         self._closing = False
@@ -274,8 +287,14 @@ class BackendAgent:
         connection = self._checkout(key)
         if connection is not None:
             connection.send(request)
-        else:
+        elif self._burst is None or self._connecting.get(key, 0) < self._burst:
             self._connect(request)
+        else:
+            backlog = self._backlog.get(key)
+            if backlog is None:
+                backlog = self._backlog[key] = deque()
+            request.backlog = backlog
+            backlog.append(request)
         return request.deferred
 
     def _split(self, uri: bytes) -> tuple:
@@ -304,11 +323,49 @@ class BackendAgent:
     def _connect(self, request: _Request) -> None:
         host, port = request.key
         factory = _ConnectionFactory(self, request)
+        if self._burst is not None:
+            self._connecting[request.key] = self._connecting.get(request.key, 0) + 1
         request.connector = self._reactor.connectTCP(host, port, factory,
                                                      timeout=self._connect_timeout)
 
+    def _connect_ended(self, key) -> None:
+        """A connection attempt succeeded or failed: start the next waiting one."""
+        if self._burst is None:
+            return
+        left = self._connecting.get(key, 1) - 1
+        if left > 0:
+            self._connecting[key] = left
+        else:
+            self._connecting.pop(key, None)
+        backlog = self._backlog.get(key)
+        while backlog and self._connecting.get(key, 0) < self._burst:
+            request = backlog.popleft()
+            request.backlog = None
+            connection = self._checkout(key)
+            if connection is not None:
+                connection.send(request)
+            else:
+                self._connect(request)
+        if backlog is not None and not backlog:
+            self._backlog.pop(key, None)
+
+    def _waiting(self, key) -> Optional[_Request]:
+        """The oldest request waiting for a connection to C{key}, taken off the backlog."""
+        backlog = self._backlog.get(key)
+        if not backlog:
+            return None
+        request = backlog.popleft()
+        request.backlog = None
+        if not backlog:
+            self._backlog.pop(key, None)
+        return request
+
     def _recycle(self, connection: "_Connection") -> None:
         if connection._closing:
+            return
+        waiting = self._waiting(connection.key)
+        if waiting is not None:
+            connection.send(waiting)
             return
         idle = self._idle.setdefault(connection.key, [])
         if self._closing or len(idle) >= self._max_idle:
@@ -377,6 +434,7 @@ class _ConnectionFactory(ClientFactory):
     def clientConnectionFailed(self, connector, reason):
         request = self._request
         request.connector = None
+        self._agent._connect_ended(request.key)
         if not request.deferred.called:
             request.deferred.errback(reason)
 
@@ -530,6 +588,7 @@ class _Connection(Protocol):
         self._writer = SocketWriter(self.transport)
         first, self._first = self._first, None
         first.connector = None
+        self._agent._connect_ended(self.key)
         if first.deferred.called:
             self._agent._recycle(self)
         else:

@@ -15,18 +15,22 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
 
-from llmnode.node import STATES
+from llmnode.lifecycle import STATES
+from llmnode.scheduler import STOP_REASONS
 from llmnode.web.common import method_not_allowed
 
 #: Upper bounds (seconds) of the start-duration histogram's buckets.
 START_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+#: Upper bounds (seconds) of the queue-wait histogram's buckets.
+WAIT_BUCKETS = (0.005, 0.05, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 #: Per-model figures read straight off a runtime: (family, name, help, runtime attribute).
 _PER_MODEL = (
     (GaugeMetricFamily, "llmnode_requests_in_flight", "Requests being served (streams included)",
      "in_flight"),
-    (GaugeMetricFamily, "llmnode_requests_queued", "Requests waiting for a max_concurrency slot",
+    (GaugeMetricFamily, "llmnode_requests_queued",
+     "Requests waiting in the model's queue (for a start, a turn or a concurrency slot)",
      "queued"),
     (CounterMetricFamily, "llmnode_model_starts", "Backend starts begun", "starts"),
     (CounterMetricFamily, "llmnode_model_crashes", "Backends that died while running",
@@ -56,6 +60,14 @@ class NodeCollector:
         durations = HistogramMetricFamily("llmnode_model_start_duration_seconds",
                                           "Seconds from the start decision to readiness",
                                           labels=["model"])
+        stops = CounterMetricFamily("llmnode_model_stops",
+                                    "Backend stops by reason: idle, turn (its turn was over and "
+                                    "another model waited), evict (idle, stopped to make room), "
+                                    "admin, reload, crash, shutdown",
+                                    labels=["model", "reason"])
+        waits = HistogramMetricFamily("llmnode_queue_wait_seconds",
+                                      "Seconds a proxied request waited before it was sent "
+                                      "(0 for those sent at once)", labels=["model"])
         for runtime in runtimes:
             model = runtime.model.id
             for name in STATES:
@@ -70,10 +82,21 @@ class NodeCollector:
                        for bound in START_BUCKETS]
             buckets.append(("+Inf", len(observed)))
             durations.add_metric([model], buckets, sum_value=sum(observed))
+            slot = runtime.slot
+            for reason in STOP_REASONS:
+                stops.add_metric([model, reason], slot.stops[reason])
+            queued = list(slot.waits)
+            at_once = slot.forwarded_at_once
+            buckets = [(str(bound), at_once + sum(1 for w in queued if w <= bound))
+                       for bound in WAIT_BUCKETS]
+            buckets.append(("+Inf", at_once + len(queued)))
+            waits.add_metric([model], buckets, sum_value=sum(queued))
         yield state
         yield requests
         yield from (metric for metric, _ in per_model)
         yield durations
+        yield stops
+        yield waits
 
         total = GaugeMetricFamily("llmnode_device_memory_total_mb", "Device memory, total",
                                   labels=["device", "name"])

@@ -20,18 +20,19 @@ have buffered the whole oversized body before the proxy sees it.
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Callable, Optional
 
 from treq import content as treq_content
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.error import ConnectionRefusedError as BackendRefused
-from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from llmnode.lifecycle import RUNNING
+from llmnode.node import Ticket
 from llmnode.errors import BadGateway, BadRequest, GatewayTimeout, ModelNotFound, NodeError
 from llmnode.web.client import BackendClient, NoCookies, backend_url
 from llmnode.web.common import (
@@ -191,18 +192,23 @@ class Forwarder:
 
     def forward(self, request, runtime, body: bytes, streaming: bool = False,
                 endpoint: Optional[str] = None) -> None:
-        """Count the request in flight (until its response ends) and start forwarding it.
+        """Start forwarding the request (the scheduler counts it until its response ends).
 
         @param streaming: the client asked for a stream; while it waits for a cold start it
             gets SSE comments, so that it and any proxy in between keep the connection open.
         """
-        runtime.request_started()
         Exchange(request, runtime, body, self._http, self._clock, self._program, self._watch,
                  endpoint, streaming).start()
 
 
 class Exchange:
-    """One proxied request: wait for the model, send the request, relay the answer."""
+    """One proxied request: wait for the scheduler to let it through, send it, relay the answer.
+
+    A request for a model that is running with room goes at once (L{ModelRuntime.try_admit});
+    any other waits in its model's queue for a L{Ticket} to fire. Either way the runtime hears
+    exactly once how it ended: L{ModelRuntime.request_finished} if it was let through,
+    L{ModelRuntime.request_abandoned} if not.
+    """
 
     def __init__(self, request, runtime, body: bytes, http, clock, program,
                  watch: "HeaderWatch", endpoint: Optional[str] = None, streaming: bool = False):
@@ -216,6 +222,7 @@ class Exchange:
         self._sending = False
         self._work: Optional[Deferred] = None
         self._admitted = False
+        self._ticket: Optional[Ticket] = None
         self.streaming = streaming
         self.endpoint = endpoint
         self._loading: Optional[LoadingComments] = None
@@ -223,7 +230,7 @@ class Exchange:
 
     def start(self) -> None:
         runtime = self._runtime
-        if runtime.state == "running" and runtime.try_admit():
+        if runtime.try_admit():
             # The common case, without a coroutine: the model is up and has a free slot.
             self._admitted = True
             sending = self._work = self._request(*runtime.address)
@@ -246,17 +253,17 @@ class Exchange:
             self._crashed(Failure())
 
     def _ended(self, result) -> None:
-        """The response ended (C{result} None) or the client left first: give the slot back
-        and count the request as finished."""
+        """The response ended (C{result} None) or the client left first: tell the runtime."""
         runtime = self._runtime
-        if self._admitted:
-            self._admitted = False
-            runtime.leave()
         status = self._pending.request.code if result is None else 499
         try:
-            runtime.request_finished(self.endpoint, status)
+            if self._admitted:
+                self._admitted = False
+                runtime.request_finished(self.endpoint, status)
+            else:
+                runtime.request_abandoned(self._ticket, self.endpoint, status)
         except Exception:
-            log.failure("request_finished failed for {model}", model=runtime.model.id)
+            log.failure("ending a request to {model} failed", model=runtime.model.id)
 
     def _crashed(self, failure) -> None:
         log.failure("proxying a request to {model} failed", failure,
@@ -273,11 +280,8 @@ class Exchange:
             self._work.cancel()
 
     async def _run(self) -> None:
-        if self.streaming and self._runtime.state != "running":
-            self._loading = LoadingComments(self._pending, self._clock, self._runtime.model.id)
         try:
-            await self._admit()
-            host, port = await self._wait_ready()
+            host, port = await self._wait_turn(self._runtime.enqueue())
             try:
                 response = await self._send(host, port)
             except BackendRefused:
@@ -286,6 +290,19 @@ class Exchange:
             self._fail(e)
             return
         self._deliver(response)
+
+    async def _wait_turn(self, ticket: Ticket):
+        """Wait until the scheduler lets the request through; streaming clients hear what it
+        waits for meanwhile."""
+        self._ticket = ticket
+        if self.streaming and not ticket.ready.called and self._loading is None:
+            runtime = self._runtime
+            self._loading = LoadingComments(self._pending, self._clock, runtime.model.id,
+                                            runtime.wait_reason)
+        address = await ticket.ready
+        self._admitted = ticket.forwarded
+        self._ticket = None
+        return address
 
     def _send_failed(self, failure) -> Optional[Deferred]:
         if not failure.check(BackendRefused):
@@ -305,10 +322,11 @@ class Exchange:
     async def _after_refused(self):
         """The backend refused the connection: it died a moment ago and the node has not
         seen its exit yet. Nothing of this request reached it: once the crash is noticed,
-        start it and try again."""
+        wait for the restarted backend and try again."""
         if not await self._backend_noticed_gone():
             raise BackendRefused()
-        host, port = await self._wait_ready()
+        self._admitted = False
+        host, port = await self._wait_turn(self._runtime.requeue())
         return await self._send(host, port)
 
     def _fail(self, error: Exception) -> None:
@@ -332,29 +350,18 @@ class Exchange:
             response, headers_sent=headers_sent)
 
     async def _backend_noticed_gone(self, patience: float = 1.0) -> bool:
-        """Wait (bounded) until the runtime no longer says "running"; whether it did."""
-        deadline = self._clock.seconds() + patience
-        while self._runtime.state == "running":
-            if self._clock.seconds() >= deadline:
-                return False
-            await deferLater(self._clock, 0.02, lambda: None)
+        """Wait (at most C{patience} seconds) for the model to leave the running state;
+        whether it did."""
+        lifecycle = self._runtime.lifecycle
+        if lifecycle.state != RUNNING:
+            return True
+        moved = lifecycle.changed()
+        moved.addTimeout(patience, self._clock)
+        try:
+            await moved
+        except TimeoutError:
+            return False
         return True
-
-    async def _admit(self) -> None:
-        """Wait for a concurrency slot of the model (see C{max_concurrency}); it is given
-        back when the response ends, however it ends."""
-        await self._runtime.admit()
-        self._admitted = True
-
-    def _wait_ready(self) -> Deferred:
-        """The model's readiness, as a Deferred of our own: cancelling it leaves the shared
-        start alone."""
-        ready = maybeDeferred(self._runtime.ensure_running)
-        if ready.called:
-            return ready
-        mine: Deferred = Deferred()
-        ready.chainDeferred(mine)
-        return mine
 
     def _send(self, host: str, port: int) -> Deferred:
         """Send the request; fires with the backend's response once its headers arrived
@@ -475,16 +482,22 @@ class _Discard:
 
 
 class LoadingComments:
-    """While a streaming request waits for its model to start, send SSE comment lines
-    (C{: loading MODEL (N s)}) every second, so that clients and proxies in between don't
-    time out. Nothing is sent if the model is ready within the first second."""
+    """While a streaming request waits for its turn, send SSE comment lines saying what it waits
+    for (C{: waiting 3 s: sa finishing 3 requests, then loading sb, ~1 s}) every second, so that
+    clients and proxies in between don't time out. Nothing is sent if the request goes through
+    within the first second.
+
+    @param describe: returns what the request waits for, in words.
+    """
 
     interval = 1.0
 
-    def __init__(self, pending: PendingResponse, clock, model_id: str):
+    def __init__(self, pending: PendingResponse, clock, model_id: str,
+                 describe: Callable[[], str]):
         self._pending = pending
         self._clock = clock
         self._model_id = model_id
+        self._describe = describe
         self._began = clock.seconds()
         self.headers_sent = False
         self._timer: Optional[IDelayedCall] = clock.callLater(self.interval, self._tick)
@@ -502,7 +515,8 @@ class LoadingComments:
             request.setHeader(b"Cache-Control", b"no-cache")
             request.setHeader(b"X-Accel-Buffering", b"no")
         waited = self._clock.seconds() - self._began
-        request.write(f": loading {self._model_id} ({waited:.0f} s)\n\n".encode("utf-8"))
+        what = " ".join(self._describe().split())[:300]
+        request.write(f": waiting {waited:.0f} s: {what}\n\n".encode("utf-8"))
         self._timer = self._clock.callLater(self.interval, self._tick)
 
     def stop(self) -> bool:
