@@ -137,6 +137,7 @@ class Program:
     turn_max: float = 60.0
     turn_time: Optional[float] = None
     priority_step: float = 10.0
+    idle_grace: float = 0.5
     connect_burst: int = 4
     api_keys: tuple[str, ...] = ()
     admin_api_keys: tuple[str, ...] = ()
@@ -224,6 +225,9 @@ PROGRAM_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
                               "deriving it from swap costs"),
     "priority_step": KeyDoc(10, "seconds of waiting that one point of a model's priority "
                                 "is worth"),
+    "idle_grace": KeyDoc(0.5, "seconds with nothing in flight after which a model within "
+                              "its turn counts as idle and makes room at once (shorter gaps "
+                              "are clients between two requests)"),
     "connect_burst": KeyDoc(4, "most connections being opened to one backend at once; "
                                "further requests wait for one of them or for a kept-alive "
                                "connection"),
@@ -832,6 +836,7 @@ _PROGRAM_SPEC = (
     ("turn_max", _number(0.0, exclusive=True)),
     ("turn_time", _optional(_number(0.0))),
     ("priority_step", _number(0.0)),
+    ("idle_grace", _number(0.0)),
     ("connect_burst", _integer(1)),
     ("shutdown_timeout", _number(0.0)),
     ("api_keys", _string_list(_string, "strings", substitute=True)),

@@ -66,6 +66,7 @@ def policy_of(program: Program, crash: CrashPolicy = CrashPolicy()) -> Policy:
     return Policy(queue_timeout=program.queue_timeout, turn_factor=program.turn_factor,
                   turn_min=program.turn_min, turn_max=program.turn_max,
                   turn_time=program.turn_time, priority_step=program.priority_step,
+                  idle_grace=program.idle_grace,
                   crash=crash)
 
 

@@ -15,6 +15,8 @@ Policy (README, "Scheduling"):
    idle one is stopped at once. A busy one keeps admitting until its turn ends, then drains:
    it admits nothing new, its requests in flight finish, then it stops. A request in flight is
    never cut to make room.
+ - A model within its turn that has had nothing in flight for C{idle_grace} seconds is idle:
+   it is stopped at once (its clients were not just between two requests).
  - A turn lasts C{turn_factor} times the swap it would cost (the busy model's measured stop
    plus the waiting model's measured load), between C{turn_min} and C{turn_max}, unless
    C{turn_time} fixes it; it counts from when the model became ready, so a model that has been
@@ -95,6 +97,7 @@ class Policy:
     turn_max: float = 60.0
     turn_time: Optional[float] = None
     priority_step: float = 10.0
+    idle_grace: float = 0.5
     recheck_interval: float = 5.0
     reclaim_interval: float = 0.1
     reclaim_timeout: float = 30.0
@@ -766,10 +769,8 @@ class Scheduler:
                 continue
             if slot.state in (STOPPING, DRAINING):
                 rank = 0
-            elif slot.in_flight == 0 and not slot.queue:
-                rank = 1
-            elif now >= (now if slot.ready_at is None else slot.ready_at) + self.turn_length(slot, waiting):
-                rank = 2
+            elif self._can_go(slot, waiting, now) is None:
+                rank = 1 if slot.in_flight == 0 else 2
             else:
                 rank = 3
             residents.append(Resident(model_id=slot.model.id, in_flight=slot.in_flight,
@@ -777,19 +778,34 @@ class Scheduler:
                                       else now, reserved=reserved, rank=rank))
         return residents
 
+    def _can_go(self, slot: Slot, waiting: Slot, now: float) -> Optional[float]:
+        """None if running C{slot} may be drained or stopped for C{waiting} now, else the
+        time it may: when its turn ends, or, if it is idle within its turn, when it has been
+        idle C{idle_grace} seconds (its clients may only be between two requests)."""
+        ready = now if slot.ready_at is None else slot.ready_at
+        ends = ready + self.turn_length(slot, waiting)
+        if now >= ends:
+            return None
+        if slot.in_flight or slot.queue:
+            return ends
+        if slot.last_used is None:
+            return None
+        grace_ends = slot.last_used + self.policy.idle_grace
+        return None if now >= grace_ends else min(ends, grace_ends)
+
     def _make_room(self, waiting: Slot, victims: list[Slot], now: float, decisions: list,
                    wake: list, needed: dict) -> None:
         """Free the victims' memory for C{waiting}: all together, never cutting a request."""
         in_turn = []
         for victim in victims:
             needed[victim.model.id] = waiting.model.id
-            if victim.state is RUNNING and (victim.in_flight or victim.queue):
-                ends = (now if victim.ready_at is None else victim.ready_at) + self.turn_length(victim, waiting)
-                if now < ends:
-                    in_turn.append((victim, ends))
+            if victim.state is RUNNING:
+                until = self._can_go(victim, waiting, now)
+                if until is not None:
+                    in_turn.append((victim, until))
         if in_turn:
-            first, ends = min(in_turn, key=lambda pair: pair[1])
-            last = max(ends for _, ends in in_turn)
+            first, _ = min(in_turn, key=lambda pair: pair[1])
+            last = max(until for _, until in in_turn)
             wake.append(last)
             waiting.waiting_for = (f"{first.model.id} finishing its turn "
                                    f"({first.in_flight} requests, until {last:.3f}), then "
