@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from tests.support.nodes import (base_url, demo_model, free_port, get_json, http_client,
@@ -22,9 +22,10 @@ def gpu_model(flags="", **keys):
 class PlacementEndToEndTests(TestCase):
     timeout = 60
 
-    async def node(self, **models):
+    async def node(self, program=None, **models):
+        program = program or {}
         self.service = await start_node(self, models, device_plugin_dir=PLUGINS,
-                                        placement_wait=20)
+                                        queue_timeout=20, **program)
         self.http = http_client(self)
         self.url = base_url(self.service)
 
@@ -35,6 +36,42 @@ class PlacementEndToEndTests(TestCase):
 
     async def info(self, model):
         return (await get_json(self.http, self.url + f"/api/models/{model}/info"))[1]
+
+    async def stream(self, model, chunks=5):
+        """One streamed chat; whether it ran to its end ([DONE]) and when it ended."""
+        response = await self.http.post(
+            self.url + "/v1/chat/completions",
+            data=json.dumps({"model": model, "stream": True, "chunks": chunks,
+                             "chunk_interval": 0.1,
+                             "messages": [{"role": "user", "content": "go"}]}).encode(),
+            headers={b"Content-Type": [b"application/json"]})
+        body = await response.content()
+        return response.code, body.rstrip().endswith(b"data: [DONE]"), reactor.seconds()
+
+    async def test_a_model_kept_busy_takes_turns_with_a_waiting_one(self):
+        """Back-to-back streams keep a busy; b's request waits for a's turn to end, a drains
+        (no stream cut), b is served, then a gets its turn back."""
+        await self.node(a=gpu_model(), b=gpu_model(), program={"turn_time": 1.0})
+        done = []
+        b_answered = []
+
+        async def a_client():
+            while not b_answered or reactor.seconds() < b_answered[0] + 1.5:
+                done.append(await self.stream("a"))
+
+        clients = [defer.ensureDeferred(a_client()) for _ in range(2)]
+        await sleep(0.8)
+        self.assertEqual((await self.info("a"))["state"], "running")
+        b_status, b_complete, b_at = await self.stream("b", chunks=2)
+        b_answered.append(b_at)
+        await defer.gatherResults(clients)
+        self.assertEqual((b_status, b_complete), (200, True))
+        self.assertEqual([(code, complete) for code, complete, _ in done],
+                         [(200, True)] * len(done), "no stream of a was cut or refused")
+        self.assertTrue(any(at > b_at for _, _, at in done), "a is served again after b")
+        a = await self.info("a")
+        self.assertGreaterEqual(a["stops"].get("turn", 0), 1, a)
+        self.assertEqual(a["starts"], 2)
 
     async def test_idle_model_is_evicted_for_the_requested_one(self):
         await self.node(a=gpu_model(), b=gpu_model())
