@@ -8,6 +8,8 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from llmnode.lifecycle import RUNNING
+
 #: Seconds before a model whose idle stop failed is tried again.
 RETRY_DELAY = 10.0
 #: Seconds between sweeps: well inside the promise that a model stops within
@@ -28,7 +30,7 @@ def due(now: float, alive_time_s: float, last_used: Optional[float], in_flight: 
     Only a running model with no request in flight, whose idle clock has started, and whose
     alive_time is not 0 (never) can be due.
     """
-    return (state == "running" and in_flight == 0 and last_used is not None
+    return (state == RUNNING and in_flight == 0 and last_used is not None
             and alive_time_s > 0 and now - last_used >= alive_time_s)
 
 

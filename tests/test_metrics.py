@@ -55,9 +55,29 @@ class MetricsTests(TestCase):
         self.assertEqual(found[("llmnode_requests_in_flight", (chat,))], 0)
         self.assertEqual(found[("llmnode_model_start_duration_seconds_count", (chat,))], 1)
         self.assertEqual(found[("llmnode_model_crashes_total", (chat,))], 0)
+        # The first request waited for the start; the other three were sent at once.
+        self.assertEqual(found[("llmnode_queue_wait_seconds_count", (chat,))], 4)
+        self.assertEqual(found[("llmnode_queue_wait_seconds_bucket",
+                                (("le", "0.005"), chat))], 3)
+        self.assertEqual(found[("llmnode_requests_queued", (chat,))], 0)
+        self.assertEqual(found[("llmnode_model_stops_total", (chat, ("reason", "idle")))], 0)
         cpu = [v for (name, labels), v in found.items()
                if name == "llmnode_device_memory_reserved_mb" and ("device", "cpu") in labels]
         self.assertEqual(cpu, [64])
+
+    async def test_stops_are_counted_by_reason(self):
+        service = await start_node(self, {"chat": demo_model(free_port())})
+        http = http_client(self)
+        url = base_url(service)
+        status, _, _ = await post_json(http, url + "/v1/chat/completions", CHAT)
+        self.assertEqual(status, 200)
+        status, _, _ = await post_json(http, url + "/api/models/chat/stop", {})
+        self.assertEqual(status, 200)
+        found = samples((await (await http.get(url + "/metrics")).content()).decode())
+        self.assertEqual(found[("llmnode_model_stops_total",
+                                (("model", "chat"), ("reason", "admin")))], 1)
+        self.assertEqual(found[("llmnode_model_stops_total",
+                                (("model", "chat"), ("reason", "turn")))], 0)
 
     async def test_metrics_need_the_admin_key_when_keys_are_set(self):
         service = await start_node(self, {"chat": demo_model(free_port())},
