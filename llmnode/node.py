@@ -207,8 +207,6 @@ class ModelRuntime:
                           model=self._id)
         return self.node._enqueue(self, start=True).ready
 
-    ensure_running = start
-
     def stop(self, reason: str = "admin") -> defer.Deferred:
         """Stop the model: requests in flight finish first (C{admin}, C{reload}); C{idle} only
         stops a model with nothing in flight. Fires once it is stopped (or failed)."""

@@ -32,7 +32,7 @@ Policy (README, "Scheduling"):
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import count
 from typing import Mapping, Optional, Sequence, Union
 
@@ -688,7 +688,7 @@ class Scheduler:
         scratch = Ledger()
         for model_id in self.ledger.models():
             scratch.reserve(model_id, self.ledger.of(model_id))
-        short = False
+        short = reclaiming = False
         for slot in self._order(now):
             model = slot.model
             slot.waiting_for = ""
@@ -732,25 +732,33 @@ class Scheduler:
             residents = self._residents(slot, now)
             eviction = plan_eviction(model, self.devices, scratch, residents, now, busy_too=True)
             if eviction is None:
-                short = True
-                slot.waiting_for = "memory: " + explain(model, self.devices, scratch)[:300]
+                if self._fits_by_ledger(model, scratch):
+                    # The devices have not reported a stopped model's memory back yet.
+                    reclaiming = True
+                    slot.waiting_for = "memory being given back: " + explain(
+                        model, self.devices, scratch)[:300]
+                else:
+                    # Held by models still starting or by processes the node does not own.
+                    short = True
+                    slot.waiting_for = "memory: " + explain(model, self.devices, scratch)[:300]
                 continue
             target, victims = eviction
             scratch.reserve(model.id, target.memory)
-            if not victims:
-                # It fits by the ledger; the devices have not reported the memory back yet.
-                short = True
-                slot.waiting_for = "memory being given back: " + explain(
-                    model, self.devices, self.ledger)[:300]
-                continue
             self._make_room(slot, [self.slots[v] for v in victims], now, decisions, wake,
                             needed)
-        if short:
+        if reclaiming:
             recently = (self._last_stop_at is not None
                         and now - self._last_stop_at < self.policy.reclaim_timeout)
             wake.append(now + (self.policy.reclaim_interval if recently
                                else self.policy.recheck_interval))
+        elif short:
+            wake.append(now + self.policy.recheck_interval)
         return needed
+
+    def _fits_by_ledger(self, model: Model, ledger: Ledger) -> bool:
+        """Whether C{model} would fit now if the devices reported all that the ledger leaves."""
+        settled = {d.id: replace(d, free_mb=d.total_mb) for d in self.devices.values()}
+        return choose(model, settled, ledger) is not None
 
     def _port_holder(self, slot: Slot) -> Optional[Slot]:
         port = slot.model.port
