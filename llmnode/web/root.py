@@ -1,4 +1,5 @@
-"""The node's resource tree: C{/v1} (the proxy), C{/rerank}, and C{/api} (management)."""
+"""The node's resource tree: C{/v1} (the proxy), C{/rerank} and llama.cpp's native routes,
+C{/upstream} (passthrough), and C{/api} (management)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from llmnode.web.auth import Guard
 from llmnode.web.common import ErrorResource
 from llmnode.web.metrics import MetricsResource
 from llmnode.web.proxy import mount
+from llmnode.web.upstream import UpstreamResource
 
 
 class Root(Resource):
@@ -48,6 +50,7 @@ def build_root(node, http, clock, program, *, devices: Callable[[], list]) -> Ro
     """The whole tree for one node, behind the keys of C{program}."""
     root = Root(Guard(program))
     root.proxy = mount(root, node, http, clock, program)
+    root.putChild(b"upstream", UpstreamResource(node, root.proxy.forwarder))
     root.putChild(b"api", ApiResource(node, clock, devices=devices))
     root.putChild(b"metrics", MetricsResource(node, devices))
     return root
