@@ -46,11 +46,14 @@ class Root(Resource):
         return ErrorResource().render(request)
 
 
-def build_root(node, http, clock, program, *, devices: Callable[[], list]) -> Root:
-    """The whole tree for one node, behind the keys of C{program}."""
+def build_root(node, http, clock, program, *, devices: Callable[[], list], node_log=None,
+               model_log: Optional[Callable] = None) -> Root:
+    """The whole tree for one node, behind the keys of C{program}; C{node_log} and
+    C{model_log} as L{ApiResource} takes them."""
     root = Root(Guard(program))
     root.proxy = mount(root, node, http, clock, program)
     root.putChild(b"upstream", UpstreamResource(node, root.proxy.forwarder))
-    root.putChild(b"api", ApiResource(node, clock, devices=devices))
+    root.putChild(b"api", ApiResource(node, clock, devices=devices, node_log=node_log,
+                                      model_log=model_log))
     root.putChild(b"metrics", MetricsResource(node, devices))
     return root
