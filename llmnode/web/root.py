@@ -10,6 +10,7 @@ from twisted.web.resource import Resource
 from llmnode.web.api import ApiResource
 from llmnode.web.auth import Guard
 from llmnode.web.common import ErrorResource
+from llmnode.web.cors import Cors
 from llmnode.web.metrics import MetricsResource
 from llmnode.web.proxy import mount
 from llmnode.web.upstream import UpstreamResource
@@ -46,11 +47,30 @@ class Root(Resource):
         return ErrorResource().render(request)
 
 
+class CorsRoot(Root):
+    """A L{Root} whose answers carry the headers of a L{Cors} policy, and which answers
+    preflights before the key check. (A node without CORS uses L{Root}: no test per
+    request.)"""
+
+    def __init__(self, guard: Optional[Guard] = None, *, cors: Cors):
+        super().__init__(guard)
+        self.cors = cors
+
+    def getChildWithDefault(self, path, request):
+        preflight = self.cors.check(request)
+        if preflight is not None:
+            return preflight
+        return super().getChildWithDefault(path, request)
+
+
 def build_root(node, http, clock, program, *, devices: Callable[[], list], node_log=None,
                model_log: Optional[Callable] = None) -> Root:
     """The whole tree for one node, behind the keys of C{program}; C{node_log} and
     C{model_log} as L{ApiResource} takes them."""
-    root = Root(Guard(program))
+    if program.cors_origins:
+        root: Root = CorsRoot(Guard(program), cors=Cors(program.cors_origins))
+    else:
+        root = Root(Guard(program))
     root.proxy = mount(root, node, http, clock, program)
     root.putChild(b"upstream", UpstreamResource(node, root.proxy.forwarder))
     root.putChild(b"api", ApiResource(node, clock, devices=devices, node_log=node_log,
