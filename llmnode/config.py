@@ -26,12 +26,36 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import yaml
 
+#: The endpoints a model can serve: name (as a model's C{endpoints} list writes it) -> what
+#: it is called in messages, with its paths.
+ENDPOINTS = {
+    "chat": "chat completions (/v1/chat/completions)",
+    "completions": "completions (/v1/completions)",
+    "embeddings": "embeddings (/v1/embeddings)",
+    "rerank": "rerank (/v1/rerank)",
+    "responses": "responses (/v1/responses)",
+    "messages": "messages (/v1/messages, /v1/messages/count_tokens)",
+    "completion": "llama.cpp completion (/completion)",
+    "infill": "llama.cpp infill (/infill)",
+    "tokenize": "llama.cpp tokenize (/tokenize, /detokenize)",
+    "transcriptions": "audio transcriptions (/v1/audio/transcriptions)",
+    "translations": "audio translations (/v1/audio/translations)",
+    "speech": "audio speech (/v1/audio/speech)",
+    "image_generations": "image generations (/v1/images/generations)",
+    "image_edits": "image edits (/v1/images/edits)",
+}
+
+_NATIVE = frozenset({"completion", "infill", "tokenize"})
+
 #: The endpoints each model mode serves (DESIGN.md).
 MODES = {
-    "Chat": frozenset({"chat", "completions"}),
-    "Base": frozenset({"completions"}),
+    "Chat": frozenset({"chat", "completions", "responses", "messages"}) | _NATIVE,
+    "Base": frozenset({"completions"}) | _NATIVE,
     "Embedding": frozenset({"embeddings"}),
     "Reranker": frozenset({"rerank"}),
+    "Audio": frozenset({"transcriptions", "translations"}),
+    "Speech": frozenset({"speech"}),
+    "Image": frozenset({"image_generations", "image_edits"}),
 }
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -105,15 +129,49 @@ class Model:
     max_queue: int = 1000
     priority: float = 0.0
     turn_time: Optional[float] = None
+    endpoints: Optional[frozenset] = None
+    strip_params: tuple[str, ...] = ()
+    # Values may be lists or mappings (unhashable): compared, not hashed.
+    set_params: Mapping[str, Any] = field(default_factory=_frozen, hash=False)
+    default_params: Mapping[str, Any] = field(default_factory=_frozen, hash=False)
+    #: Whether a JSON body sent to the backend differs from the client's (C{upstream_model}
+    #: or a parameter filter): one test on the proxy's path instead of four.
+    edits_body: bool = field(init=False, repr=False, compare=False, default=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "edits_body", bool(
+            self.upstream_model is not None or self.strip_params or self.set_params
+            or self.default_params))
 
     @property
     def names(self) -> tuple[str, ...]:
         """The id followed by every alias."""
         return (self.id,) + self.aliases
 
+    @property
+    def served(self) -> frozenset:
+        """The endpoints this model serves: its C{endpoints} list, else its mode's."""
+        if self.endpoints is not None:
+            return self.endpoints
+        return MODES.get(self.mode, frozenset())
+
     def serves(self, endpoint: str) -> bool:
-        """Whether this model's mode serves C{endpoint} (a key of L{MODES}' sets)."""
+        """Whether this model serves C{endpoint} (a key of L{ENDPOINTS})."""
+        if self.endpoints is not None:
+            return endpoint in self.endpoints
         return endpoint in MODES.get(self.mode, ())
+
+    def edit_body(self, body: dict) -> dict:
+        """C{body} as the backend gets it: C{strip_params} removed, C{default_params} added
+        where absent, C{set_params} set, and the model renamed to C{upstream_model}."""
+        for key in self.strip_params:
+            body.pop(key, None)
+        for key, value in self.default_params.items():
+            body.setdefault(key, value)
+        body.update(self.set_params)
+        if self.upstream_model is not None:
+            body["model"] = self.upstream_model
+        return body
 
 
 @dataclass(frozen=True)
@@ -145,6 +203,7 @@ class Program:
     shutdown_timeout: float = 30.0
     log_format: str = "text"
     metrics_auth: bool = True
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -241,6 +300,9 @@ PROGRAM_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
                                  "${env:NAME} allowed"),
     "open_health": KeyDoc(True, "serve the health endpoint without a key"),
     "metrics_auth": KeyDoc(True, "require a key for the metrics endpoint"),
+    "cors_origins": KeyDoc([], "browser origins allowed to call the node (CORS), e.g. "
+                               "['http://localhost:3000'], or ['*'] for any; empty = no CORS "
+                               "headers, preflights refused"),
 })
 
 #: Program keys that were renamed: old name -> new name (the old one is read, with a warning).
@@ -248,7 +310,8 @@ RENAMED_PROGRAM_KEYS: Mapping[str, str] = FrozenMapping({"placement_wait": "queu
 
 MODEL_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
     "aliases": KeyDoc([], "other names the model answers to (unique across models)"),
-    "mode": KeyDoc(None, "Chat, Base, Embedding or Reranker", required=True),
+    "mode": KeyDoc(None, "Chat, Base, Embedding, Reranker, Audio, Speech or Image: which "
+                         "endpoints the model serves", required=True),
     "port": KeyDoc(None, "port the backend listens on (1-65535, unique)", required=True),
     "auto_start": KeyDoc(False, "start the model when the node starts"),
     "alive_time": KeyDoc(None, "minutes idle before stop; default: program.alive_time; "
@@ -266,6 +329,14 @@ MODEL_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
                           "seconds of extra waiting"),
     "turn_time": KeyDoc(None, "fixed turn length in seconds for this model; default: "
                               "derived (see program.turn_factor)"),
+    "endpoints": KeyDoc(None, "the endpoints served, overriding the mode's (names: "
+                              + ", ".join(ENDPOINTS) + ")"),
+    "strip_params": KeyDoc([], "keys removed from a JSON request body before it is "
+                               "forwarded"),
+    "set_params": KeyDoc({}, "keys set in a JSON request body before it is forwarded "
+                             "(replacing the client's)"),
+    "default_params": KeyDoc({}, "keys added to a JSON request body where the client sent "
+                                 "none"),
 })
 
 PLAN_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
@@ -762,6 +833,50 @@ def _string_list(item: Reader, what: str, nonempty: bool = False,
     return read
 
 
+def _endpoints(checker, path, value):
+    names = _string_list(_string, "endpoint names", nonempty=True)(checker, path, value)
+    if names is _BAD:
+        return _BAD
+    unknown = [name for name in names if name not in ENDPOINTS]
+    if unknown:
+        checker.problem(path, f"unknown endpoint {unknown[0]!r} (expected any of "
+                              f"{', '.join(ENDPOINTS)})")
+        return _BAD
+    return frozenset(names)
+
+
+def _param_name(checker, path, value):
+    if _string(checker, path, value) is _BAD:
+        return _BAD
+    if value == "model":
+        checker.problem(path, "'model' routes the request and cannot be filtered (see "
+                              "upstream_model)")
+        return _BAD
+    return value
+
+
+def _params(checker, path, value):
+    if value is None:
+        return _frozen()
+    if not isinstance(value, dict):
+        checker.problem(path, f"expected a mapping of parameter name to value, {_got(value)}")
+        return _BAD
+    ok = True
+    for name in value:
+        ok = _param_name(checker, _join(path, name), name) is not _BAD and ok
+    return _frozen(value) if ok else _BAD
+
+
+def _origin(checker, path, value):
+    if _string(checker, path, value) is _BAD:
+        return _BAD
+    if value != "*" and not re.fullmatch(r"https?://[^/\s]+", value, re.IGNORECASE):
+        checker.problem(path, f"expected '*' or an origin like 'http://localhost:3000' "
+                              f"(scheme and host, no path), got {_shown(value)}")
+        return _BAD
+    return value.lower() if value != "*" else value
+
+
 def _memory(checker, path, value):
     if value is None:
         return _frozen()
@@ -843,6 +958,7 @@ _PROGRAM_SPEC = (
     ("admin_api_keys", _string_list(_string, "strings", substitute=True)),
     ("open_health", _boolean),
     ("metrics_auth", _boolean),
+    ("cors_origins", _string_list(_origin, "origins")),
 )
 
 _MODEL_SPEC = (
@@ -857,6 +973,10 @@ _MODEL_SPEC = (
     ("stop_timeout", _number(0.0)),
     ("max_concurrency", _optional(_integer(1))),
     ("max_queue", _integer(0)),
+    ("endpoints", _optional(_endpoints)),
+    ("strip_params", _string_list(_param_name, "parameter names")),
+    ("set_params", _params),
+    ("default_params", _params),
     ("priority", _number(-1e6)),
     ("turn_time", _optional(_number(0.0))),
 )

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import deque
 from datetime import datetime, timezone
-from typing import IO, Optional
+from typing import IO, Callable, Optional
 
 from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel,
-                            LogLevelFilterPredicate, eventAsText, textFileLogObserver)
+                            LogLevelFilterPredicate, eventAsText,
+                            formatEventAsClassicLogText, textFileLogObserver)
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
@@ -95,3 +97,77 @@ def twistd_log_stream(server_options) -> Optional[IO[str]]:
 def install_observer(application, program, stream: IO[str]) -> None:
     """Make twistd log through the node's observer (set before twistd starts logging)."""
     application.setComponent(ILogObserver, make_observer(program, stream))
+
+
+class Followers:
+    """Whoever follows a log: each listener gets every batch of new lines."""
+
+    def __init__(self):
+        self._listeners: list[Callable[[list[str]], None]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._listeners)
+
+    def add(self, listener: Callable[[list[str]], None]) -> Callable[[], None]:
+        """Start calling C{listener(lines)}; returns the function that stops it."""
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
+
+    def tell(self, lines: list[str], failed: Callable[[], None] = lambda: None) -> None:
+        """Hand C{lines} to every listener; C{failed()} is called inside the handler of a
+        listener's exception (nothing the reactor calls may raise)."""
+        for listener in list(self._listeners):
+            try:
+                listener(lines)
+            except Exception:
+                failed()
+
+
+#: Lines of the node's own log kept in memory for C{GET /api/logs}.
+KEPT_LINES = 2000
+
+
+@implementer(ILogObserver)
+class LogBuffer:
+    """The node's own log lines, kept in memory (the last L{KEPT_LINES}) and handed to
+    followers as they are logged, for C{GET /api/logs}: twistd's log may go to stdout, where
+    the node cannot read it back.
+
+    Add it to the log publisher with L{observer}, which filters by C{program.log_level}.
+    """
+
+    def __init__(self, keep: int = KEPT_LINES):
+        self._kept: deque[str] = deque(maxlen=keep)
+        self._followers = Followers()
+
+    def observer(self, program) -> ILogObserver:
+        """This buffer behind the node's level filter."""
+        return FilteringLogObserver(self, [LogLevelFilterPredicate(LEVELS[program.log_level])])
+
+    def __call__(self, event: dict) -> None:
+        try:
+            text = formatEventAsClassicLogText(event)
+        except Exception:
+            return
+        if not text:
+            return
+        lines = [line[:MAX_TEXT] for line in text.rstrip("\n").split("\n")]
+        self._kept.extend(lines)
+        if self._followers:
+            self._followers.tell(lines)  # a failure is not logged: it would come back here
+
+    def lines(self, n: int) -> list[str]:
+        """The last C{n} lines kept, oldest first."""
+        if n <= 0:
+            return []
+        return list(self._kept)[-n:]
+
+    def follow(self, listener: Callable[[list[str]], None]) -> Callable[[], None]:
+        """Call C{listener(lines)} with every event's lines from now on; returns the function
+        that stops it."""
+        return self._followers.add(listener)

@@ -13,13 +13,14 @@ from typing import Optional
 from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 
 from llmnode.config import Config, Model
 from llmnode.errors import NodeError
 from llmnode.devices.loader import default_plugins
 from llmnode.devices.monitor import DeviceMonitor
 from llmnode.launcher import Backend, ModelLog, reclaim
+from llmnode.logs import LogBuffer
 from llmnode.node import Node, backend_environment
 from llmnode.placement import Placement
 from llmnode.sweeper import Sweeper
@@ -47,12 +48,15 @@ class NodeService(MultiService):
 
     @param host: listen address overriding C{program.host}.
     @param port: listen port overriding C{program.port} (0 = any free port).
+    @param log_publisher: where the node's log events are published (default twisted's
+        global publisher); L{node_log} keeps the recent ones while the node runs.
     """
 
     log = Logger()
 
     def __init__(self, config: Config, reactor, *, host: Optional[str] = None,
-                 port: Optional[int] = None, plugins: Optional[list] = None):
+                 port: Optional[int] = None, plugins: Optional[list] = None,
+                 log_publisher=None):
         super().__init__()
         program = config.program
         self.config = config
@@ -67,8 +71,12 @@ class NodeService(MultiService):
         self._logs: dict[str, ModelLog] = {}
         self.node = Node(config, reactor, self)
         self.sweeper = Sweeper(reactor, self.node.runtimes, program.alive_time, self.log)
+        self.node_log = LogBuffer()
+        self._log_publisher = globalLogPublisher if log_publisher is None else log_publisher
+        self._node_log_observer = self.node_log.observer(program)
         self.site = NodeSite(build_root(self.node, self.http, reactor, program,
-                                        devices=self.devices_report),
+                                        devices=self.devices_report, node_log=self.node_log,
+                                        model_log=self._model_log),
                              max_body_bytes=max_body_bytes(program.max_body_mb), clock=reactor)
         self._listening = None
 
@@ -89,6 +97,7 @@ class NodeService(MultiService):
                                    f"{e.strerror or e}") from None
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise RuntimeError(f"program.{key}: {folder} is not writable by this user")
+        self._log_publisher.addObserver(self._node_log_observer)
         for pid in reclaim(self.runtime_dir, self.log):
             self.log.warn("stopped backend group {pid} left behind by a previous node", pid=pid)
         plugins = self._plugins
@@ -129,7 +138,12 @@ class NodeService(MultiService):
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
-        return defer.Deferred.fromCoroutine(self._stop())
+        stopping = defer.Deferred.fromCoroutine(self._stop())
+        return stopping.addBoth(self._forget_log_observer)
+
+    def _forget_log_observer(self, result):
+        self._log_publisher.removeObserver(self._node_log_observer)
+        return result
 
     async def _stop(self) -> None:
         listening, self._listening = self._listening, None

@@ -27,7 +27,8 @@ class Echo(Resource):
 
 def tree(**program) -> StubTreq:
     root = Root(Guard(Program(**program)))
-    for name in (b"v1", b"rerank", b"metrics"):
+    for name in (b"v1", b"rerank", b"metrics", b"completion", b"infill", b"tokenize",
+                 b"detokenize", b"upstream"):
         root.putChild(name, Echo())
     api = Resource()
     api.putChild(b"health", Echo())
@@ -58,7 +59,8 @@ class GuardTests(SynchronousTestCase):
 
     def test_admin_keys_split_the_tree(self):
         client = tree(api_keys=("user",), admin_api_keys=("admin",))
-        for path in ("/v1/x", "/rerank"):
+        for path in ("/v1/x", "/rerank", "/completion", "/infill", "/tokenize", "/detokenize",
+                     "/upstream/m/props"):
             self.assertEqual(status_of(client, path, "user"), 200, path)
             self.assertEqual(status_of(client, path, "admin"), 401, path)
         for path in ("/api/models", "/metrics"):

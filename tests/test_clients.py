@@ -3,12 +3,15 @@ real llama.cpp server (the xllamacpp wheel) with a tiny generated GGUF."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import tempfile
 
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
+from llmnode.demo.backend import PNG_1X1, speech_wav
 from tests.support.nodes import base_url, demo_model, free_port, start_node
 
 
@@ -17,18 +20,23 @@ def _openai():
     return openai
 
 
+async def sdk_client(testcase, models: dict):
+    """An openai SDK client of a node serving C{models}; both end with the test."""
+    service = await start_node(testcase, models)
+    client = _openai().OpenAI(base_url=base_url(service) + "/v1", api_key="unused",
+                              max_retries=0, timeout=20)
+    testcase.addCleanup(client.close)
+    return client
+
+
 class OpenAISDKTests(TestCase):
     timeout = 60
 
-    async def client(self):
-        service = await start_node(self, {
+    def client(self):
+        return sdk_client(self, {
             "chat": demo_model(free_port(), aliases=["gpt-3.5-turbo"]),
             "embed": demo_model(free_port(), mode="Embedding"),
         })
-        client = _openai().OpenAI(base_url=base_url(service) + "/v1", api_key="unused",
-                                  max_retries=0, timeout=20)
-        self.addCleanup(client.close)
-        return client
 
     async def test_chat(self):
         client = await self.client()
@@ -76,6 +84,55 @@ class OpenAISDKTests(TestCase):
         with self.assertRaises(openai.NotFoundError):
             await deferToThread(client.chat.completions.create, model="no-such-model",
                                 messages=[{"role": "user", "content": "hi"}])
+
+
+class OpenAISDKEndpointTests(TestCase):
+    """One node port serving a chat, a transcription, a speech and an image model to the SDK."""
+
+    timeout = 60
+
+    def client(self):
+        return sdk_client(self, {
+            "chat": demo_model(free_port()),
+            "whisper": demo_model(free_port(), mode="Audio"),
+            "tts": demo_model(free_port(), mode="Speech"),
+            "sd": demo_model(free_port(), mode="Image"),
+        })
+
+    async def test_audio_transcription(self):
+        client = await self.client()
+        audio = b"RIFF" + bytes(range(256)) * 40
+        reply = await deferToThread(client.audio.transcriptions.create, model="whisper",
+                                    file=("speech.wav", audio, "audio/wav"))
+        self.assertEqual(reply.text, f"transcribe: {len(audio)} bytes, sha256 "
+                                     f"{hashlib.sha256(audio).hexdigest()}")
+
+    async def test_audio_speech(self):
+        client = await self.client()
+        reply = await deferToThread(client.audio.speech.create, model="tts", voice="alloy",
+                                    input="hello from the node")
+        self.assertEqual(reply.content, speech_wav("hello from the node"))
+
+    async def test_images_generate(self):
+        client = await self.client()
+        reply = await deferToThread(client.images.generate, model="sd", prompt="a red fox",
+                                    n=2)
+        self.assertEqual([base64.b64decode(image.b64_json) for image in reply.data],
+                         [PNG_1X1, PNG_1X1])
+        self.assertEqual(reply.data[0].revised_prompt, "a red fox")
+
+    async def test_responses_create(self):
+        client = await self.client()
+        reply = await deferToThread(client.responses.create, model="chat",
+                                    input="what is new")
+        self.assertEqual(reply.output_text, "echo: what is new")
+        self.assertEqual(reply.status, "completed")
+
+    async def test_wrong_model_for_the_endpoint_raises_bad_request(self):
+        client = await self.client()
+        with self.assertRaises(_openai().BadRequestError) as caught:
+            await deferToThread(client.images.generate, model="whisper", prompt="x")
+        self.assertIn("mode 'Audio'", str(caught.exception))
 
 
 class LlamaCppTests(TestCase):

@@ -563,7 +563,7 @@ class CheckCommandTests(SynchronousTestCase):
         self.assertEqual((code, out), (1, ""))
         self.assertEqual(sorted(err.splitlines()), [
             "error: Local-Models.demo-chat.mode: unknown mode 'Chit' (expected one of "
-            "Chat, Base, Embedding, Reranker)",
+            "Chat, Base, Embedding, Reranker, Audio, Speech, Image)",
             "warning: extra: unknown key",
         ])
 
@@ -595,3 +595,62 @@ class CheckCommandTests(SynchronousTestCase):
                                 env=env, capture_output=True, text=True, timeout=60)
         self.assertEqual(helped.returncode, 0)
         self.assertIn("check", helped.stdout)
+
+
+class EndpointKeysTests(ConfigTestCase):
+    """The modes and keys of the endpoints issue: what a model serves, its body filters, and
+    the node's CORS origins."""
+
+    def test_new_modes_serve_their_endpoints(self):
+        text = "".join(model(name, port).replace("mode: Chat", f"mode: {mode.lower()}")
+                       for name, port, mode in (("w", 18101, "Audio"), ("t", 18102, "Speech"),
+                                                ("i", 18103, "Image"), ("c", 18104, "Chat"),
+                                                ("b", 18105, "Base")))
+        models = {m.id: m for m in self.load(seed(text)).models}
+        self.assertEqual(models["w"].served, {"transcriptions", "translations"})
+        self.assertEqual(models["t"].served, {"speech"})
+        self.assertEqual(models["i"].served, {"image_generations", "image_edits"})
+        self.assertTrue(all(models["c"].serves(e) for e in (
+            "chat", "completions", "responses", "messages", "completion", "infill",
+            "tokenize")))
+        self.assertFalse(models["c"].serves("embeddings"))
+        self.assertEqual(models["b"].served, {"completions", "completion", "infill",
+                                              "tokenize"})
+
+    def test_endpoints_list_replaces_the_modes_set(self):
+        config = self.load(seed(model(extra="endpoints: [chat, speech]\n")))
+        self.assertEqual(config.models[0].served, {"chat", "speech"})
+        self.assertFalse(config.models[0].serves("completions"))
+        self.assertProblem(seed(model(extra="endpoints: [chat, images]\n")),
+                           "Local-Models.m1.endpoints", "unknown endpoint 'images'",
+                           "image_generations")
+        self.assertProblem(seed(model(extra="endpoints: []\n")),
+                           "Local-Models.m1.endpoints", "non-empty")
+
+    def test_filters(self):
+        config = self.load(seed(model(extra="""\
+            strip_params: [top_k]
+            set_params: {stop: ["</s>"], temperature: 0.2}
+            default_params: {max_tokens: 10}
+            """)))
+        m = config.models[0]
+        self.assertEqual(m.edit_body({"model": "m1", "top_k": 1, "temperature": 1}),
+                         {"model": "m1", "temperature": 0.2, "stop": ["</s>"],
+                          "max_tokens": 10})
+        self.assertTrue(m.edits_body)
+        self.assertFalse(self.load(seed(model())).models[0].edits_body)
+        self.assertEqual(hash(m), hash(m))
+        self.assertProblem(seed(model(extra="strip_params: [model]\n")),
+                           "Local-Models.m1.strip_params[0]", "'model' routes the request")
+        self.assertProblem(seed(model(extra="set_params: [a]\n")),
+                           "Local-Models.m1.set_params", "expected a mapping")
+        self.assertProblem(seed(model(extra="default_params: {model: x}\n")),
+                           "Local-Models.m1.default_params.model", "'model'")
+
+    def test_cors_origins(self):
+        config = self.load(seed(model(), program='cors_origins: ["HTTP://Example.com:3000", '
+                                                  '"*"]\n'))
+        self.assertEqual(config.program.cors_origins, ("http://example.com:3000", "*"))
+        self.assertEqual(self.load(seed(model())).program.cors_origins, ())
+        self.assertProblem(seed(model(), program='cors_origins: ["example.com/app"]\n'),
+                           "program.cors_origins[0]", "expected '*' or an origin")

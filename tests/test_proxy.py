@@ -354,9 +354,14 @@ class ModelsTests(ProxyCase):
         self.assertEqual(first["object"], "model")
         self.assertEqual(first["owned_by"], "llmnode")
         self.assertIsInstance(first["created"], int)
-        self.assertEqual(first["llmnode"], {"mode": "Chat", "state": "running"})
-        self.assertEqual(alias["llmnode"],
-                         {"mode": "Chat", "state": "running", "alias_of": "Qwen-14B"})
+        chat_endpoints = ["chat", "completion", "completions", "infill", "messages",
+                          "responses", "tokenize"]
+        self.assertEqual(first["llmnode"], {"mode": "Chat", "state": "running",
+                                            "endpoints": chat_endpoints})
+        self.assertEqual(alias["llmnode"], {"mode": "Chat", "state": "running",
+                                            "alias_of": "Qwen-14B",
+                                            "endpoints": chat_endpoints})
+        self.assertEqual(payload["data"][1]["llmnode"]["endpoints"], ["embeddings"])
 
         response = await self.client.get(f"http://127.0.0.1:{port}/v1/models/org/embed")
         self.assertEqual((await response.json())["llmnode"]["state"], "stopped")

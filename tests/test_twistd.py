@@ -127,7 +127,7 @@ class ExampleConfigTests(TwistdMixin, TestCase):
         # Only the demo models' fixed ports change: another process may hold them here.
         text, changed = re.subn(r"(?m)^(    port: )\d+$",
                                 lambda m: m.group(1) + str(free_port()), text)
-        self.assertEqual(changed, 3)
+        self.assertEqual(changed, 6)
         with open(config, "w") as f:
             f.write(text)
         port = free_port()
@@ -136,7 +136,7 @@ class ExampleConfigTests(TwistdMixin, TestCase):
         url = f"http://127.0.0.1:{port}"
         status, health = await self.wait_healthy(http, url, process)
         self.assertEqual(status, 200)
-        self.assertEqual(health["models"]["stopped"], 3)
+        self.assertEqual(health["models"]["stopped"], 6)
         status, body, _ = await post_json(http, url + "/v1/chat/completions", {
             "model": "demo", "messages": [{"role": "user", "content": "hello"}]})
         self.assertEqual(status, 200, body)
@@ -146,6 +146,16 @@ class ExampleConfigTests(TwistdMixin, TestCase):
         status, body, _ = await post_json(http, url + "/v1/rerank", {
             "model": "demo-rerank", "query": "fruit", "documents": ["apple", "car"]})
         self.assertEqual(status, 200, body)
+        status, body, _ = await post_json(http, url + "/v1/images/generations", {
+            "model": "demo-image", "prompt": "a fox"})
+        self.assertEqual(status, 200, body)
+        response = await http.post(url + "/v1/audio/speech", json={
+            "model": "demo-tts", "input": "hello"})
+        self.assertEqual((await response.content())[:4], b"RIFF")
+        response = await http.post(url + "/v1/audio/transcriptions",
+                                   data={"model": "demo-whisper"},
+                                   files={"file": ("a.wav", b"RIFF....")})
+        self.assertEqual((await response.json())["text"][:20], "transcribe: 8 bytes,")
         os.kill(process.transport.pid, signal.SIGTERM)
         reason = await process.ended
         self.assertIsInstance(reason, ProcessDone)

@@ -1,7 +1,10 @@
 """A fake OpenAI-compatible model server: cheap, deterministic answers for demos and tests.
 
 Run it as C{python -m llmnode.demo.backend --port N}. It answers chat completions, completions
-(JSON or SSE), embeddings and rerank requests like a real backend would, and its flags make it
+(JSON or SSE), embeddings and rerank requests like a real backend would; responses, Anthropic
+messages, llama.cpp's native routes, audio transcriptions and translations (uploads), speech
+(WAV bytes), image generations and edits with fixed, cheap answers; and a few pages of its own
+(C{/}, C{/props}, C{/slots}, C{/debug/echo} for any method). Its flags make it
 misbehave on purpose (slow start, crash, die mid-stream, ignore SIGTERM, leave a child behind,
 speak garbage) so the node's supervision and proxy paths can be exercised with real processes.
 
@@ -50,6 +53,16 @@ _MAX_CHUNKS = 100_000
 _WORD = re.compile(r"\w+")
 _UNCOUNTED_PATHS = ("/health", "/debug/stats")
 _RERANK_PATHS = ("/v1/rerank", "/v1/reranking", "/rerank")
+_NATIVE_PATHS = ("/completion", "/infill", "/tokenize", "/detokenize")
+
+#: A 1x1 transparent PNG, the image every image request gets.
+PNG_1X1 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAA"
+    "AABJRU5ErkJggg==")
+
+#: Speech: mono 16-bit PCM at this rate, this many seconds per word of input.
+SPEECH_RATE = 16000
+SPEECH_SECONDS_PER_WORD = 0.05
 
 _log = Logger()
 
@@ -355,7 +368,28 @@ class DemoResource(Resource):
             ("POST", "/v1/embeddings"): self._embeddings,
         }
         self._routes.update({("POST", path): self._rerank for path in _RERANK_PATHS})
-        self._paths = {path for _, path in self._routes}
+        self._routes.update({
+            ("POST", "/v1/responses"): self._responses,
+            ("POST", "/v1/messages"): self._messages,
+            ("POST", "/v1/messages/count_tokens"): self._count_tokens,
+            ("POST", "/completion"): self._native_completion,
+            ("POST", "/infill"): self._native_completion,
+            ("POST", "/tokenize"): self._tokenize,
+            ("POST", "/detokenize"): self._detokenize,
+            ("POST", "/v1/audio/speech"): self._speech,
+            ("POST", "/v1/images/generations"): self._image_generations,
+            ("GET", "/"): self._home,
+            ("GET", "/props"): self._props,
+            ("GET", "/slots"): self._slots,
+        })
+        #: Routes whose body is not JSON: the handler gets the raw body.
+        self._raw_routes = {
+            ("POST", "/v1/audio/transcriptions"): self._transcription,
+            ("POST", "/v1/audio/translations"): self._transcription,
+            ("POST", "/v1/images/edits"): self._image_edits,
+        }
+        self._routes.update(self._raw_routes)
+        self._paths = {path for _, path in self._routes} | {"/debug/echo"}
 
     def render(self, request):
         exchange = _Exchange(request)
@@ -411,6 +445,16 @@ class DemoResource(Resource):
         handler = self._routes.get((method, exchange.path))
         if exchange.path not in _UNCOUNTED_PATHS:
             exchange.echo = self._echo(exchange, request, raw)
+        if exchange.path == "/debug/echo":
+            self._send_json(exchange, 200, {"method": method})
+            return
+        raw_handler = self._raw_routes.get((method, exchange.path))
+        if raw_handler is not None:
+            try:
+                raw_handler(exchange, raw, request.getHeader(b"content-type"))
+            except BadRequest as error:
+                self._send_error(exchange, 400, error.message, error.param)
+            return
         if handler is None:
             if exchange.path in self._paths:
                 self._send_error(exchange, 405, f"method {method} not allowed here")
@@ -442,6 +486,7 @@ class DemoResource(Resource):
             value = ", ".join(v.decode("latin-1") for v in values)
             headers[key] = headers[key] + ", " + value if key in headers else value
         return {
+            "method": request.method.decode("ascii", "replace"),
             "path": exchange.path,
             "query": exchange.query,
             "body_bytes": len(raw),
@@ -477,7 +522,8 @@ class DemoResource(Resource):
     def _finish(self, exchange: _Exchange) -> None:
         exchange.done = True
         exchange.request.finish()
-        if not (exchange.path.startswith("/v1/") or exchange.path in _RERANK_PATHS):
+        if not (exchange.path.startswith("/v1/") or exchange.path in _RERANK_PATHS
+                or exchange.path in _NATIVE_PATHS):
             return
         self._stats.requests += 1
         crash_after = self._options.crash_after
@@ -653,6 +699,214 @@ class DemoResource(Resource):
             },
         )
 
+
+    def _responses(self, exchange: _Exchange, body: dict) -> None:
+        given = body.get("input")
+        seen = given if isinstance(given, str) else last_user_message(given)
+        text = answer_text(seen, _optional_int(body, "echo_bytes"))
+        if body.get("stream") is True:
+            raise BadRequest("the demo backend answers responses without streaming", "stream")
+        input_tokens, output_tokens = count_tokens(seen), count_tokens(text)
+        response_id = self._next_id("resp")
+        message = {"type": "message", "id": "msg" + response_id[4:], "status": "completed",
+                   "role": "assistant",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        self._send_json(exchange, 200, {
+            "id": response_id, "object": "response", "created_at": int(self._wallclock()),
+            "status": "completed", "model": self._model(body), "output": [message],
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
+                      "total_tokens": input_tokens + output_tokens,
+                      "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens_details": {"reasoning_tokens": 0}},
+        })
+
+    def _messages(self, exchange: _Exchange, body: dict) -> None:
+        seen = last_user_message(body.get("messages"))
+        text = answer_text(seen, None)
+        self._send_json(exchange, 200, {
+            "id": self._next_id("msg"), "type": "message", "role": "assistant",
+            "model": self._model(body), "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": count_tokens(seen), "output_tokens": count_tokens(text)},
+        })
+
+    def _count_tokens(self, exchange: _Exchange, body: dict) -> None:
+        seen = last_user_message(body.get("messages"))
+        self._send_json(exchange, 200, {"input_tokens": count_tokens(seen)})
+
+    def _native_completion(self, exchange: _Exchange, body: dict) -> None:
+        if exchange.path == "/infill":
+            prefix, suffix = body.get("input_prefix", ""), body.get("input_suffix", "")
+            seen = f"{_echo_text(prefix)}|{_echo_text(suffix)}"
+        else:
+            seen = prompt_text(body.get("prompt"))
+        text = answer_text(seen, None)
+        self._send_json(exchange, 200, {
+            "content": text, "stop": True, "model": self._model(body),
+            "tokens_evaluated": count_tokens(seen), "tokens_predicted": count_tokens(text),
+        })
+
+    def _tokenize(self, exchange: _Exchange, body: dict) -> None:
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise BadRequest("content must be a string", "content")
+        self._send_json(exchange, 200, {"tokens": [token_id(word) for word in
+                                                   _WORD.findall(content)]})
+
+    def _detokenize(self, exchange: _Exchange, body: dict) -> None:
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+            raise BadRequest("tokens must be a list of integers", "tokens")
+        self._send_json(exchange, 200, {"content": " ".join(f"<{t}>" for t in tokens)})
+
+    def _speech(self, exchange: _Exchange, body: dict) -> None:
+        text = body.get("input")
+        if not isinstance(text, str) or not text:
+            raise BadRequest("input must be a non-empty string", "input")
+        chunks = _optional_int(body, "chunks")
+        if chunks is not None and not 1 <= chunks <= _MAX_CHUNKS:
+            raise BadRequest(f"chunks must be 1 to {_MAX_CHUNKS}", "chunks")
+        interval = _optional_interval(body, "chunk_interval")
+        audio = speech_wav(text)
+        request = exchange.request
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"audio/wav")
+        request.setHeader(b"content-length", b"%d" % len(audio))
+        size = -(-len(audio) // (chunks or 1))
+        pieces = [audio[start:start + size] for start in range(0, len(audio), size)]
+        _Pieces(self, exchange, pieces, interval or 0.0).start()
+
+    def _image_generations(self, exchange: _Exchange, body: dict) -> None:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise BadRequest("prompt must be a string", "prompt")
+        self._send_images(exchange, prompt, body.get("n"), body.get("response_format"))
+
+    def _image_edits(self, exchange: _Exchange, raw: bytes, content_type) -> None:
+        form = _form(exchange, raw, content_type,
+                     (b"model", b"prompt", b"image", b"image[]", b"n", b"response_format"))
+        image = form.get(b"image", form.get(b"image[]"))
+        if image is None:
+            raise BadRequest("an image file is required", "image")
+        prompt = form.get(b"prompt", b"").decode("utf-8", "replace")
+        n = form.get(b"n")
+        self._send_images(exchange, f"edit of {len(image)} bytes: {prompt}",
+                          int(n) if n is not None and n.isdigit() else None,
+                          form.get(b"response_format", b"b64_json").decode("ascii", "replace"))
+
+    def _send_images(self, exchange: _Exchange, prompt: str, n: Any, response_format: Any):
+        count = 1 if n is None else n
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 10:
+            raise BadRequest("n must be 1 to 10", "n")
+        image = base64.b64encode(PNG_1X1).decode("ascii")
+        if response_format == "url":
+            item = {"url": "data:image/png;base64," + image}
+        else:
+            item = {"b64_json": image}
+        item["revised_prompt"] = prompt[:_MAX_ECHOED_MESSAGE]
+        self._send_json(exchange, 200, {"created": int(self._wallclock()),
+                                        "data": [dict(item) for _ in range(count)]})
+
+    def _transcription(self, exchange: _Exchange, raw: bytes, content_type) -> None:
+        form = _form(exchange, raw, content_type,
+                     (b"model", b"file", b"response_format", b"language"))
+        audio = form.get(b"file")
+        if audio is None:
+            raise BadRequest("a file is required", "file")
+        task = "translate" if exchange.path.endswith("translations") else "transcribe"
+        text = f"{task}: {len(audio)} bytes, sha256 {hashlib.sha256(audio).hexdigest()}"
+        response_format = form.get(b"response_format", b"json")
+        if response_format == b"text":
+            self._send_text(exchange, 200, text + "\n")
+        elif response_format == b"verbose_json":
+            self._send_json(exchange, 200, {"task": task, "language": "english",
+                                            "duration": 0.0, "text": text, "segments": []})
+        else:
+            self._send_json(exchange, 200, {"text": text})
+
+    def _home(self, exchange: _Exchange, body: None) -> None:
+        page = (f"<!doctype html><title>demo backend</title><h1>llmnode demo backend "
+                f"{self._options.model_name}</h1><a href=\"props\">props</a>\n")
+        self._send_text(exchange, 200, page, b"text/html; charset=utf-8")
+
+    def _props(self, exchange: _Exchange, body: None) -> None:
+        self._send_json(exchange, 200, {"model_alias": self._options.model_name,
+                                        "total_slots": 1})
+
+    def _slots(self, exchange: _Exchange, body: None) -> None:
+        self._send_json(exchange, 200, {"slots": [{"id": 0, "is_processing": False}]})
+
+    def _send_text(self, exchange: _Exchange, code: int, text: str,
+                   content_type: bytes = b"text/plain; charset=utf-8") -> None:
+        data = text.encode("utf-8")
+        request = exchange.request
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", content_type)
+        request.setHeader(b"content-length", b"%d" % len(data))
+        request.write(data)
+        self._finish(exchange)
+
+
+def token_id(word: str) -> int:
+    """A stand-in token id for C{word}: a hash, below 32000."""
+    return int.from_bytes(hashlib.sha256(word.encode("utf-8")).digest()[:4], "big") % 32000
+
+
+def speech_wav(text: str) -> bytes:
+    """A WAV file of a tone, L{SPEECH_SECONDS_PER_WORD} per word of C{text}, its pitch
+    derived from the text: same text, same bytes."""
+    samples = int(SPEECH_RATE * SPEECH_SECONDS_PER_WORD * count_tokens(text))
+    pitch = 200 + hashlib.sha256(text.encode("utf-8")).digest()[0] * 2
+    step = 2 * math.pi * pitch / SPEECH_RATE
+    pcm = struct.pack(f"<{samples}h", *(int(8000 * math.sin(step * i)) for i in range(samples)))
+    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + len(pcm), b"WAVE", b"fmt ", 16, 1,
+                         1, SPEECH_RATE, SPEECH_RATE * 2, 2, 16, b"data", len(pcm))
+    return header + pcm
+
+
+def _form(exchange: _Exchange, raw: bytes, content_type: Optional[bytes],
+          names: tuple) -> dict:
+    """The fields C{names} of a multipart/form-data body: name -> value bytes. Its C{model}
+    goes into the echo."""
+    from llmnode.errors import NodeError
+    from llmnode.web.multipart import boundary_of, form_fields
+
+    try:
+        spans = form_fields(raw, boundary_of(content_type), frozenset(names))
+    except NodeError as error:
+        raise BadRequest(error.message) from None
+    form = {name: raw[start:end] for name, (start, end) in spans.items()}
+    if exchange.echo is not None and b"model" in form:
+        exchange.echo["model"] = form[b"model"].decode("utf-8", "replace")
+    return form
+
+
+class _Pieces:
+    """A body written in pieces, C{interval} seconds apart (the response head is set)."""
+
+    def __init__(self, resource: DemoResource, exchange: _Exchange, pieces: list[bytes],
+                 interval: float):
+        self._resource = resource
+        self._exchange = exchange
+        self._pieces = pieces
+        self._interval = interval
+
+    def start(self) -> None:
+        self._send(0)
+
+    def _send(self, index: int) -> None:
+        exchange = self._exchange
+        exchange.pending = None
+        if exchange.gone or exchange.dying:
+            return
+        for index in range(index, len(self._pieces)):
+            exchange.request.write(self._pieces[index])
+            if self._interval > 0 and index + 1 < len(self._pieces):
+                exchange.pending = self._resource._clock.callLater(
+                    self._interval, self._send, index + 1)
+                return
+        self._resource._finish(exchange)
 
 
 class _Stream:

@@ -8,7 +8,17 @@ from collections import deque
 from datetime import datetime
 from typing import Callable, Optional
 
+from twisted.logger import Logger
+
+from llmnode.logs import Followers
+
+_log = Logger()
+
 _TAIL_KEPT = 200
+
+#: Bytes L{last_lines} reads at most from the end of a file (and its rotated predecessor).
+_MAX_TAIL_BYTES = 4 * 2**20
+_BLOCK = 65536
 
 
 class _Partial:
@@ -42,6 +52,7 @@ class ModelLog:
         self._size = 0
         self._partials: dict[str, _Partial] = {}
         self._tail: deque[str] = deque(maxlen=_TAIL_KEPT)
+        self._followers = Followers()
 
     def write(self, data: bytes, stream: str = "out") -> None:
         """Add output of C{stream}: complete lines are written, an unfinished one is kept."""
@@ -73,6 +84,21 @@ class ModelLog:
         if n <= 0:
             return []
         return list(self._tail)[-n:]
+
+    def lines(self, n: int) -> list[str]:
+        """The last C{n} lines of the file as written (timestamps included), oldest first,
+        reaching into the newest rotated file when the current one has fewer."""
+        if n <= 0:
+            return []
+        found = last_lines(self.path, n)
+        if len(found) < n and self.backups > 0:
+            found = last_lines(f"{self.path}.1", n - len(found)) + found
+        return found
+
+    def follow(self, listener: Callable[[list[str]], None]) -> Callable[[], None]:
+        """Call C{listener(lines)} with every batch of lines written from now on (as in the
+        file, without line ends); returns the function that stops it."""
+        return self._followers.add(listener)
 
     def close(self) -> None:
         """Flush and close the file; a later write opens it again."""
@@ -118,6 +144,9 @@ class ModelLog:
             self._file.write(record)
             self._size += len(record)
         self._file.flush()
+        if self._followers:
+            self._followers.tell([f"{stamp} {line}" for line in lines], lambda: _log.failure(
+                "a follower of {path} failed", path=self.path))
 
     def _open(self) -> None:
         if self._file is None:
@@ -139,3 +168,26 @@ class ModelLog:
         else:
             os.truncate(self.path, 0)
         self._open()
+
+
+def last_lines(path: str, n: int) -> list[str]:
+    """The last C{n} lines of the file at C{path} (decoded, without line ends), reading at
+    most L{_MAX_TAIL_BYTES} from its end; [] when it does not exist."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return []
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        position, data = end, b""
+        while position > 0 and data.count(b"\n") <= n and end - position < _MAX_TAIL_BYTES:
+            step = min(_BLOCK, position)
+            position -= step
+            f.seek(position)
+            data = f.read(step) + data
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if position > 0:
+        lines = lines[1:]  # its start lies before what was read
+    return [line.decode("utf-8", "replace") for line in lines[-n:]]

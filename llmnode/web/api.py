@@ -1,4 +1,5 @@
-"""The management API under C{/api}: start, stop and report models, devices and the node.
+"""The management API under C{/api}: start, stop and report models, devices and the node, and
+read their logs.
 
 JSON in and out; errors are OpenAI-shaped like the proxy's. Nothing here blocks the reactor: a
 start answers when the model is ready (or failed), from a Deferred.
@@ -19,6 +20,7 @@ from llmnode.errors import BadRequest, ModelNotFound, NodeError
 from llmnode.lifecycle import STATES, STOPPED
 from llmnode.web.common import (ErrorResource, PendingResponse, method_not_allowed, render_error,
                                 render_json)
+from llmnode.web.logs import LogResource
 
 log = Logger()
 
@@ -116,7 +118,7 @@ class ModelsResource(_Group):
         runtime = self.api.node.lookup(name)
         if runtime is None:
             return ErrorResource(ModelNotFound(f"no model named {name[:200]!r}", param="model"))
-        return ModelResource(runtime)
+        return ModelResource(runtime, self.api.model_log)
 
     def render(self, request):
         return _ModelList(self.api).render(request)
@@ -146,13 +148,20 @@ class StopAllResource(_JSONResource):
 
 
 class ModelResource(Resource):
-    """C{/api/models/{alias}/(info|start|stop)}."""
+    """C{/api/models/{alias}/(info|start|stop|logs)}.
 
-    def __init__(self, runtime):
+    @param model_log: the log of a model (L{llmnode.web.logs.LogSource}), or None where
+        logs are not served.
+    """
+
+    def __init__(self, runtime, model_log: Optional[Callable] = None):
         super().__init__()
         self.runtime = runtime
+        self.model_log = model_log
 
     def getChild(self, path, request):
+        if path == b"logs" and self.model_log is not None:
+            return LogResource(self.model_log(self.runtime.model))
         child = {b"info": ModelInfo, b"start": ModelStart, b"stop": ModelStop}.get(path)
         if child is None:
             return ErrorResource()
@@ -227,13 +236,21 @@ class ApiResource(_Group):
     """The C{/api} tree.
 
     @param devices: returns the devices report (a list of JSON-ready dicts).
+    @param node_log: the node's own log, served at C{/api/logs} (a
+        L{llmnode.web.logs.LogSource}); C{model_log} returns a model's, served at
+        C{/api/models/{alias}/logs}. None: not served.
     """
 
-    def __init__(self, node, clock, *, devices: Callable[[], list], started_at: Optional[float] = None):
+    def __init__(self, node, clock, *, devices: Callable[[], list],
+                 started_at: Optional[float] = None, node_log=None,
+                 model_log: Optional[Callable] = None):
         super().__init__()
         self.node = node
         self.clock = clock
         self.devices = devices
+        self.model_log = model_log
+        if node_log is not None:
+            self.putChild(b"logs", LogResource(node_log))
         self.started_at = clock.seconds() if started_at is None else started_at
         self.putChild(b"health", HealthResource(self))
         self.putChild(b"devices", DevicesResource(self))

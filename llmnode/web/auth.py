@@ -1,9 +1,9 @@
 """Bearer-key authentication for the node's resource tree.
 
-C{/v1} and C{/rerank} take C{program.api_keys}; C{/api}, C{/metrics} and any other path take
-C{program.admin_api_keys}, or C{program.api_keys} when no admin key is configured. An empty key
-set means no authentication on those paths. C{/api/health} stays open with
-C{program.open_health}, C{/metrics} with C{metrics_auth: false}.
+C{/v1}, C{/rerank}, llama.cpp's native routes and C{/upstream} take C{program.api_keys};
+C{/api}, C{/metrics} and any other path take C{program.admin_api_keys}, or C{program.api_keys}
+when no admin key is configured. An empty key set means no authentication on those paths.
+C{/api/health} stays open with C{program.open_health}, C{/metrics} with C{metrics_auth: false}.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from llmnode.errors import Unauthorized
 from llmnode.web.common import render_error
 
 #: First path segments that take the client keys (C{api_keys}); all others take admin keys.
-CLIENT_SEGMENTS = frozenset({b"v1", b"rerank"})
+CLIENT_SEGMENTS = frozenset({b"v1", b"rerank", b"completion", b"infill", b"tokenize",
+                             b"detokenize", b"upstream"})
 
 _HEALTH_PATHS = ([b"health"], [b"health", b""])
 

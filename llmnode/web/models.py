@@ -23,7 +23,7 @@ def model_entries(node, created: int) -> list[dict]:
 
 def _entry(runtime, name: str, created: int) -> dict:
     model = runtime.model
-    extra = {"mode": model.mode, "state": runtime.state}
+    extra = {"mode": model.mode, "endpoints": sorted(model.served), "state": runtime.state}
     if name != model.id:
         extra["alias_of"] = model.id
     return {"id": name, "object": "model", "created": created, "owned_by": "llmnode",

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from llmnode.config import ENDPOINTS
 from llmnode.lifecycle import RUNNING
 from llmnode.node import Ticket
 from llmnode.errors import BadGateway, BadRequest, GatewayTimeout, ModelNotFound, NodeError
@@ -47,6 +48,7 @@ from llmnode.web.common import (
     routing_fields,
 )
 from llmnode.web.models import ModelsResource
+from llmnode.web.multipart import boundary_of, form_fields, form_text
 from llmnode.web.relay import StreamRelay, forwarded_headers
 from llmnode.web.server import NodeRequest
 
@@ -60,13 +62,6 @@ _REQUEST_DROP = frozenset({b"host", b"content-length", b"expect"})
 #: request. treq only reads it.
 _NO_COOKIES = NoCookies()
 
-#: What each endpoint is called in messages.
-_ENDPOINT_NAMES = {
-    "chat": "chat completions",
-    "completions": "completions",
-    "embeddings": "embeddings",
-    "rerank": "rerank",
-}
 
 
 class _Branch(Resource):
@@ -96,38 +91,81 @@ class V1Resource(_Branch):
         self.embeddings = ProxyEndpoint(forwarder, "embeddings")
         self.rerank = ProxyEndpoint(forwarder, "rerank")
         self.models = ModelsResource(node, created=int(clock.seconds()))
-        chat = _Branch()
-        chat.putChild(b"completions", self.chat)
-        self.putChild(b"chat", chat)
+        self.putChild(b"chat", _branch({b"completions": self.chat}))
         self.putChild(b"completions", self.completions)
         self.putChild(b"embeddings", self.embeddings)
         self.putChild(b"rerank", self.rerank)
         self.putChild(b"reranking", self.rerank)
         self.putChild(b"models", self.models)
-        self._forwarder = forwarder
+        self.putChild(b"responses", ProxyEndpoint(forwarder, "responses"))
+        messages = ProxyEndpoint(forwarder, "messages")
+        messages.putChild(b"count_tokens", ProxyEndpoint(forwarder, "messages"))
+        self.putChild(b"messages", messages)
+        self.putChild(b"audio", _branch({
+            b"transcriptions": ProxyEndpoint(forwarder, "transcriptions", form=True),
+            b"translations": ProxyEndpoint(forwarder, "translations", form=True),
+            b"speech": ProxyEndpoint(forwarder, "speech"),
+        }))
+        self.putChild(b"images", _branch({
+            b"generations": ProxyEndpoint(forwarder, "image_generations"),
+            b"edits": ProxyEndpoint(forwarder, "image_edits", form=True),
+        }))
+        #: llama.cpp's own routes, mounted at the root by L{mount}.
+        self.native = {
+            b"completion": ProxyEndpoint(forwarder, "completion"),
+            b"infill": ProxyEndpoint(forwarder, "infill"),
+            b"tokenize": ProxyEndpoint(forwarder, "tokenize"),
+            b"detokenize": ProxyEndpoint(forwarder, "tokenize"),
+        }
+        self.forwarder = self._forwarder = forwarder
 
     def close(self) -> None:
         """Stop the proxy's timer (the backend header timeout's)."""
         self._forwarder.close()
 
 
+def _branch(children: dict) -> _Branch:
+    branch = _Branch()
+    for name, child in children.items():
+        branch.putChild(name, child)
+    return branch
+
+
 def mount(root: Resource, node, http, clock, program) -> V1Resource:
-    """Put the proxy at C{/v1} and its rerank endpoint at C{/rerank} under C{root}."""
+    """Put the proxy at C{/v1}, its rerank endpoint at C{/rerank} and llama.cpp's native
+    routes (C{/completion}, C{/infill}, C{/tokenize}, C{/detokenize}) under C{root}."""
     v1 = V1Resource(node, http, clock, program)
     root.putChild(b"v1", v1)
     root.putChild(b"rerank", v1.rerank)
+    for name, endpoint in v1.native.items():
+        root.putChild(name, endpoint)
     return v1
 
 
 class ProxyEndpoint(Resource):
-    """One POST endpoint that forwards to the model named in the body."""
+    """One POST endpoint that forwards to the model named in the body: a JSON body, or with
+    C{form} a C{multipart/form-data} one (an upload) naming it in a form field.
+
+    Children put on it (C{/v1/messages/count_tokens}) are reached through it; any other path
+    below it is a 404.
+    """
 
     isLeaf = True
 
-    def __init__(self, forwarder: "Forwarder", endpoint: str):
+    def __init__(self, forwarder: "Forwarder", endpoint: str, form: bool = False):
         super().__init__()
         self._forwarder = forwarder
         self._endpoint = endpoint
+        self._route = forwarder.route_form if form else forwarder.route
+
+    def putChild(self, path, child):
+        self.isLeaf = False
+        super().putChild(path, child)
+
+    def getChild(self, path, request):
+        if path == b"":
+            return self
+        return ErrorResource()
 
     def render(self, request):
         if request.postpath not in ([], [b""]):
@@ -135,7 +173,7 @@ class ProxyEndpoint(Resource):
         if request.method != b"POST":
             return method_not_allowed(request, ("POST",))
         try:
-            runtime, body, streaming = self._forwarder.route(request, self._endpoint)
+            runtime, body, streaming = self._route(request, self._endpoint)
         except NodeError as e:
             return render_error(request, e)
         except Exception:
@@ -156,6 +194,11 @@ class Forwarder:
         self._limit = max_body_bytes(program.max_body_mb)
         self._watch = HeaderWatch(clock, program.backend_header_timeout)
 
+    @property
+    def limit(self) -> int:
+        """The largest request body forwarded, in bytes."""
+        return self._limit
+
     def close(self) -> None:
         self._watch.stop()
 
@@ -175,30 +218,63 @@ class Forwarder:
             raise BadRequest("missing required parameter 'model'", param="model")
         if not isinstance(name, str):
             raise BadRequest("'model' must be a string", param="model")
+        runtime = self.runtime_for(name, endpoint)
+        model = runtime.model
+        if model.edits_body:
+            raw = json.dumps(model.edit_body(parse_json_object(raw))).encode("utf-8")
+        return runtime, raw, fields.get("stream") is True
+
+    def route_form(self, request, endpoint: str):
+        """L{route} for a C{multipart/form-data} body: the model is its C{model} field.
+
+        Parameter filters do not apply to forms; C{upstream_model} does.
+        """
+        if not request.uri.isascii():
+            raise BadRequest("the request target must be ASCII (percent-encode it)")
+        boundary = boundary_of(request.getHeader(b"Content-Type"))
+        raw = read_body(request, self._limit)
+        fields = form_fields(raw, boundary, _FORM_ROUTING)
+        if b"model" not in fields:
+            raise BadRequest("missing required form field 'model'", param="model")
+        runtime = self.runtime_for(form_text(raw, fields[b"model"]), endpoint)
+        upstream = runtime.model.upstream_model
+        if upstream is not None:
+            start, end = fields[b"model"]
+            raw = raw[:start] + upstream.encode("utf-8") + raw[end:]
+        stream = fields.get(b"stream")
+        return runtime, raw, stream is not None and form_text(raw, stream) == "true"
+
+    def runtime_for(self, name: str, endpoint: str):
+        """The runtime of the model called C{name}, if it serves C{endpoint}; else a
+        L{NodeError} (404 unknown, 400 wrong mode)."""
         runtime = self._node.lookup(name)
         if runtime is None:
             raise ModelNotFound(f"the model {name[:200]!r} does not exist on this node",
                                 param="model")
         model = runtime.model
         if not model.serves(endpoint):
+            served = "its endpoints list" if model.endpoints is not None else (
+                f"mode {model.mode!r}")
             raise BadRequest(
-                f"model {name[:200]!r} has mode {model.mode!r} and does not serve "
-                f"{_ENDPOINT_NAMES[endpoint]}", param="model", code="wrong_model_mode")
-        if model.upstream_model is not None:
-            body = parse_json_object(raw)
-            body["model"] = model.upstream_model
-            raw = json.dumps(body).encode("utf-8")
-        return runtime, raw, fields.get("stream") is True
+                f"model {name[:200]!r} has {served} and does not serve "
+                f"{ENDPOINTS[endpoint]}", param="model", code="wrong_model_mode")
+        return runtime
 
     def forward(self, request, runtime, body: bytes, streaming: bool = False,
-                endpoint: Optional[str] = None) -> None:
+                endpoint: Optional[str] = None, target: Optional[bytes] = None) -> None:
         """Start forwarding the request (the scheduler counts it until its response ends).
 
         @param streaming: the client asked for a stream; while it waits for a cold start it
             gets SSE comments, so that it and any proxy in between keep the connection open.
+        @param target: the path (and query) to request from the backend; default the
+            client's.
         """
         Exchange(request, runtime, body, self._http, self._clock, self._program, self._watch,
-                 endpoint, streaming).start()
+                 endpoint, streaming, target).start()
+
+
+#: The form fields L{Forwarder.route_form} reads.
+_FORM_ROUTING = frozenset({b"model", b"stream"})
 
 
 class Exchange:
@@ -211,8 +287,10 @@ class Exchange:
     """
 
     def __init__(self, request, runtime, body: bytes, http, clock, program,
-                 watch: "HeaderWatch", endpoint: Optional[str] = None, streaming: bool = False):
+                 watch: "HeaderWatch", endpoint: Optional[str] = None, streaming: bool = False,
+                 target: Optional[bytes] = None):
         self._watch = watch
+        self._target = target
         self._runtime = runtime
         self._body = body
         self._http = http
@@ -373,7 +451,9 @@ class Exchange:
         """Send the request, watched for the header timeout until the caller unwatches it."""
         self._sending = True
         request = self._pending.request
-        target = request.uri if request.uri.startswith(b"/") else request.path
+        target = self._target
+        if target is None:
+            target = request.uri if request.uri.startswith(b"/") else request.path
         url = backend_url(host, port, target)
         headers = forwarded_headers(request, _REQUEST_DROP)
         if type(self._http) is not BackendClient:

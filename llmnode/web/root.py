@@ -1,4 +1,5 @@
-"""The node's resource tree: C{/v1} (the proxy), C{/rerank}, and C{/api} (management)."""
+"""The node's resource tree: C{/v1} (the proxy), C{/rerank} and llama.cpp's native routes,
+C{/upstream} (passthrough), and C{/api} (management)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from twisted.web.resource import Resource
 from llmnode.web.api import ApiResource
 from llmnode.web.auth import Guard
 from llmnode.web.common import ErrorResource
+from llmnode.web.cors import Cors
 from llmnode.web.metrics import MetricsResource
 from llmnode.web.proxy import mount
+from llmnode.web.upstream import UpstreamResource
 
 
 class Root(Resource):
@@ -44,10 +47,33 @@ class Root(Resource):
         return ErrorResource().render(request)
 
 
-def build_root(node, http, clock, program, *, devices: Callable[[], list]) -> Root:
-    """The whole tree for one node, behind the keys of C{program}."""
-    root = Root(Guard(program))
+class CorsRoot(Root):
+    """A L{Root} whose answers carry the headers of a L{Cors} policy, and which answers
+    preflights before the key check. (A node without CORS uses L{Root}: no test per
+    request.)"""
+
+    def __init__(self, guard: Optional[Guard] = None, *, cors: Cors):
+        super().__init__(guard)
+        self.cors = cors
+
+    def getChildWithDefault(self, path, request):
+        preflight = self.cors.check(request)
+        if preflight is not None:
+            return preflight
+        return super().getChildWithDefault(path, request)
+
+
+def build_root(node, http, clock, program, *, devices: Callable[[], list], node_log=None,
+               model_log: Optional[Callable] = None) -> Root:
+    """The whole tree for one node, behind the keys of C{program}; C{node_log} and
+    C{model_log} as L{ApiResource} takes them."""
+    if program.cors_origins:
+        root: Root = CorsRoot(Guard(program), cors=Cors(program.cors_origins))
+    else:
+        root = Root(Guard(program))
     root.proxy = mount(root, node, http, clock, program)
-    root.putChild(b"api", ApiResource(node, clock, devices=devices))
+    root.putChild(b"upstream", UpstreamResource(node, root.proxy.forwarder))
+    root.putChild(b"api", ApiResource(node, clock, devices=devices, node_log=node_log,
+                                      model_log=model_log))
     root.putChild(b"metrics", MetricsResource(node, devices))
     return root

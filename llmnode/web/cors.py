@@ -1,0 +1,110 @@
+"""CORS (C{program.cors_origins}): a browser page on another origin may call the node.
+
+A request with an allowed C{Origin} gets C{Access-Control-Allow-Origin} (that origin) on its
+answer, errors included, and the node's answer replaces any CORS header a backend sent (two
+would make the browser refuse both). A preflight (C{OPTIONS} with
+C{Access-Control-Request-Method}) is answered by the node itself, before any key check, since
+browsers send preflights without credentials. Without C{cors_origins} nothing here runs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.web.resource import Resource
+
+from llmnode.errors import NodeError
+from llmnode.web.common import render_error
+from llmnode.web.server import NodeRequest, ResponseHeaders
+
+#: Methods a preflight may ask for.
+ALLOWED_METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS"
+
+#: Seconds a browser may cache a preflight's answer.
+MAX_AGE = b"600"
+
+_PREFIX = b"access-control-"
+
+
+class OriginNotAllowed(NodeError):
+    status = 403
+    type = "invalid_request_error"
+    code = "origin_not_allowed"
+
+
+class Cors:
+    """The node's CORS policy: which origins may call it.
+
+    @param origins: allowed origins, lower case (C{http://host:port}), or C{"*"} for any.
+    """
+
+    def __init__(self, origins):
+        self._any = "*" in origins
+        self._origins = frozenset(origin.encode("ascii") for origin in origins if origin != "*")
+
+    def allows(self, origin: bytes) -> bool:
+        return self._any or origin.lower() in self._origins
+
+    def check(self, request) -> Optional[Resource]:
+        """Mark C{request}'s answer for its origin; return the resource that answers it when
+        it is a preflight (else None: it goes on down the tree)."""
+        origin = request.getHeader(b"Origin")
+        if origin is None:
+            return None
+        preflight = (request.method == b"OPTIONS"
+                     and request.getHeader(b"Access-Control-Request-Method") is not None)
+        if not self.allows(origin):
+            return _Refused(origin) if preflight else None
+        headers = {b"Access-Control-Allow-Origin": origin, b"Vary": b"Origin"}
+        if preflight:
+            asked = request.getHeader(b"Access-Control-Request-Headers")
+            headers[b"Access-Control-Allow-Methods"] = ALLOWED_METHODS
+            headers[b"Access-Control-Max-Age"] = MAX_AGE
+            if asked:
+                headers[b"Access-Control-Allow-Headers"] = asked
+        if type(request) is NodeRequest:
+            request.responseHeaders = _CorsHeaders()
+        for name, value in headers.items():
+            request.setHeader(name, value)
+        return _Preflight() if preflight else None
+
+
+class _CorsHeaders(ResponseHeaders):
+    """Response headers that keep the node's CORS headers: a backend's (relayed with
+    C{addRawHeader}/C{setRawHeaders}) are dropped."""
+
+    __slots__ = ()
+
+    def setRawHeaders(self, name, values) -> None:
+        if not _is_cors(name):
+            super().setRawHeaders(name, values)
+
+    def addRawHeader(self, name, value) -> None:
+        if not _is_cors(name):
+            super().addRawHeader(name, value)
+
+
+def _is_cors(name) -> bool:
+    if isinstance(name, str):
+        name = name.encode("latin-1")
+    return name[:15].lower() == _PREFIX
+
+
+class _Preflight(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        request.setResponseCode(204)
+        return b""
+
+
+class _Refused(Resource):
+    isLeaf = True
+
+    def __init__(self, origin: bytes):
+        super().__init__()
+        self._origin = origin
+
+    def render(self, request):
+        return render_error(request, OriginNotAllowed(
+            f"origin {self._origin.decode('latin-1')[:200]!r} is not in program.cors_origins"))
