@@ -81,12 +81,22 @@ class TwistdProcessTests(TwistdMixin, TestCase):
         self.assertGreaterEqual(len(group), 3, "supervisor, shell/backend and its child")
         return process, group
 
-    async def test_sigterm_stops_every_backend_and_exits_0(self):
+    async def assert_stops_cleanly_on(self, signum: int):
+        """C{signum} to the node: every backend is gone and twistd exits 0."""
         process, group = await self.start_with_model()
-        os.kill(_pid_of(process), signal.SIGTERM)
+        os.kill(_pid_of(process), signum)
         reason = await process.ended
         self.assertIsInstance(reason, ProcessDone, process.output[-3000:].decode(errors="replace"))
         self.assertEqual(pids_alive(group), [])
+        self.assertIn(f"received {signal.Signals(signum).name}: stopping every model".encode(),
+                      process.output)
+
+    async def test_sigterm_stops_every_backend_and_exits_0(self):
+        await self.assert_stops_cleanly_on(signal.SIGTERM)
+
+    async def test_sigint_stops_every_backend_and_exits_0(self):
+        """Ctrl-C in a foreground run stops like SIGTERM (twistd's default exits 130)."""
+        await self.assert_stops_cleanly_on(signal.SIGINT)
 
     async def test_sigkill_of_the_node_leaves_no_backend(self):
         process, group = await self.start_with_model()
