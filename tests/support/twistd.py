@@ -47,12 +47,17 @@ class TwistdMixin:
         return process.ended
 
     async def wait_healthy(self, http, url, process):
+        """(status, health) of the first answer of C{/api/health} that is not 503 "starting"."""
         for _ in range(200):
             if process.ended.called:
                 self.fail(f"twistd exited: {process.output[-3000:]!r}")
             try:
-                return await get_json(http, url + "/api/health")
+                status, health = await get_json(http, url + "/api/health")
             except Exception:
-                await sleep(0.05)
+                pass
+            else:
+                if status != 503:
+                    return status, health
+            await sleep(0.05)
         self.fail(f"twistd never answered: {process.output[-3000:]!r}")
 
