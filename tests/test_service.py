@@ -60,7 +60,7 @@ class NodeTests(TestCase):
             status, info, _ = await post_json(
                 http, base_url(service) + f"/api/models/{name}/start", {})
             self.assertEqual(status, 200, info)
-            pids.append(info["pid"])
+            pids.append(info["supervisor_pid"])
         children = _group_members(pids)
         self.assertGreater(len(children), len(pids), "the scripts' children are in the groups")
         await service.stopService()

@@ -79,7 +79,7 @@ class TwistdProcessTests(TwistdMixin, TestCase):
         status, info, _ = await post_json(http, url + "/api/models/chat/start", {})
         self.assertEqual(status, 200, info)
         import psutil
-        group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == info["pid"]]
+        group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == info["supervisor_pid"]]
         self.assertGreaterEqual(len(group), 3, "supervisor, shell/backend and its child")
         return process, group
 

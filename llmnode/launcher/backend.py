@@ -1,8 +1,9 @@
 """One backend process of a model: spawn through the supervisor, wait until healthy, stop.
 
 The backend runs as C{/bin/sh -c COMMAND} under L{llmnode.launcher.supervisor}, which leads a
-process group of its own; the supervisor's pid is the group id. Stopping signals the whole group
-(SIGTERM, grace, SIGKILL) and only returns when no process of it is left.
+process group of its own; the supervisor's pid is the group id. The supervisor reports the
+server's own pid on a pipe of its own (C{_PID_FD}). Stopping signals the whole group (SIGTERM,
+grace, SIGKILL) and only returns when no process of it is left.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ _KILL_WAIT = 5.0
 #: How long a start failure waits for the last output of an exited process.
 _OUTPUT_WAIT = 1.0
 _TAIL_LINES = 20
+#: The supervisor's descriptor for reporting the server's pid.
+_PID_FD = 3
 
 
 class StartError(Exception):
@@ -60,6 +63,16 @@ class _Output(protocol.ProcessProtocol):
 
     def errReceived(self, data: bytes) -> None:
         self._backend._output(data, "err")
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == _PID_FD:
+            self._backend._pid_reported(data)
+        else:
+            super().childDataReceived(childFD, data)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD == _PID_FD:
+            self._backend._pid_pipe_closed()
 
     def processExited(self, reason) -> None:
         self._backend._main_exited(reason)
@@ -102,7 +115,12 @@ class Backend:
         self.runtime_dir = runtime_dir
         self.host = host
         self._http = http
+        #: The supervisor's pid, which is also the process group's id.
         self.pid: Optional[int] = None
+        #: The model server's pid (the supervisor's child), once the supervisor reported it.
+        self.server_pid: Optional[int] = None
+        self._pid_report = b""
+        self._pid_waiters: Optional[list[defer.Deferred]] = []
         self.started_at: Optional[float] = None
         self.ready_at: Optional[float] = None
         self.status: Optional[str] = None
@@ -150,6 +168,11 @@ class Backend:
             self.stop()
             raise
         if index == 0:
+            if self._pid_waiters is not None:
+                # Reported long before the server could answer; only its read may be pending.
+                d = defer.Deferred()
+                self._pid_waiters.append(d)
+                await d
             self.ready_at = self._reactor.seconds()
             self.model_log.note(f"ready on port {self.port} "
                                 f"after {self.ready_at - self.started_at:.2f} s")
@@ -175,11 +198,12 @@ class Backend:
     def _spawn(self) -> None:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(llmnode.__file__)))
         args = supervisor.argv(sys.executable, package_root, os.getpid(), self.stop_timeout,
-                               self.command)
+                               self.command, pid_fd=_PID_FD)
         self.model_log.note(f"starting: {self.command}")
         try:
             self._transport = self._reactor.spawnProcess(
-                _Output(self), sys.executable, args, env=self.env, path=self.cwd)
+                _Output(self), sys.executable, args, env=self.env, path=self.cwd,
+                childFDs={0: "w", 1: "r", 2: "r", _PID_FD: "r"})
         except Exception as e:
             self.model_log.note(f"could not start: {e}")
             raise StartError(f"model {self.model_id!r} could not be started: {e}", "spawn")
@@ -266,6 +290,25 @@ class Backend:
             self.log.failure("writing the output of {model} to {path}",
                              model=self.model_id, path=self.model_log.path)
 
+    def _pid_reported(self, data: bytes) -> None:
+        self._pid_report = (self._pid_report + data)[:32]
+        line, newline, _ = self._pid_report.partition(b"\n")
+        if newline and self.server_pid is None:
+            try:
+                self.server_pid = int(line)
+            except ValueError:
+                self.log.warn("{model}: the supervisor reported pid {line!r}",
+                              model=self.model_id, line=line)
+            else:
+                self.model_log.note(f"server pid {self.server_pid}")
+            self._pid_pipe_closed()
+
+    def _pid_pipe_closed(self) -> None:
+        """No (more) pid report can come: release whoever waits for one."""
+        waiters, self._pid_waiters = self._pid_waiters, None
+        for d in waiters or ():
+            d.callback(None)
+
     def _main_exited(self, reason) -> None:
         try:
             self.status = describe_exit(reason)
@@ -289,6 +332,7 @@ class Backend:
 
     def _pipes_closed(self) -> None:
         self._pipes_open = False
+        self._pid_pipe_closed()
         try:
             self.model_log.flush()
         except Exception:
