@@ -72,6 +72,23 @@ def exec_last(command: str):
     ...}); leading C{NAME=value} assignments stay in front of C{exec}, which passes them on to
     the program. A last command that already starts with C{exec} is returned as it is.
     """
+    last = last_command(command)
+    if last is None:
+        return None
+    _, at, program = last
+    if program == "exec":
+        return command
+    return command[:at] + "exec " + command[at:]
+
+
+def last_command(command: str):
+    """Where the program of C{command}'s last simple command is, if the line is simple enough
+    to tell (see L{exec_last}); else None.
+
+    @return: C{(start, at, program)}: the index where the last command (its assignments
+        included) starts, the index of its program word, and that word with quotes removed
+        (C{exec} where the line already execs).
+    """
     if _TRAP.search(command):
         return None
     start, i, n = 0, 0, len(command)
@@ -123,12 +140,12 @@ def exec_last(command: str):
     except ValueError:
         return None
     if word == "exec":
-        return command
+        return start, start + at, word
     if word is None or word in _SHELL_WORDS or word[:1] in "<>" or re.match(r"\d+[<>]", word):
         return None
     if at == 0:
         at = len(last) - len(last.lstrip())
-    return command[:start] + last[:at] + "exec " + last[at:]
+    return start, start + at, word
 
 
 def group_members(pgid: int) -> list:
