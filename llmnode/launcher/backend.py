@@ -168,11 +168,6 @@ class Backend:
             self.stop()
             raise
         if index == 0:
-            if self._pid_waiters is not None:
-                # Reported long before the server could answer; only its read may be pending.
-                d = defer.Deferred()
-                self._pid_waiters.append(d)
-                await d
             self.ready_at = self._reactor.seconds()
             self.model_log.note(f"ready on port {self.port} "
                                 f"after {self.ready_at - self.started_at:.2f} s")
@@ -230,6 +225,7 @@ class Backend:
             if not self._probing:
                 break
             if code == 200:
+                await self._pid_known()
                 return
             if code == 404 and self.health_path is None and path == "/health":
                 path = "/v1/models"
@@ -290,24 +286,34 @@ class Backend:
             self.log.failure("writing the output of {model} to {path}",
                              model=self.model_id, path=self.model_log.path)
 
+    def _pid_known(self) -> defer.Deferred:
+        """Fires once L{server_pid} is read, or can no longer come. The supervisor reports it
+        long before the server can answer; only reading the report may still be pending."""
+        if self._pid_waiters is None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._pid_waiters.append(d)
+        return d
+
     def _pid_reported(self, data: bytes) -> None:
         self._pid_report = (self._pid_report + data)[:32]
         line, newline, _ = self._pid_report.partition(b"\n")
-        if newline and self.server_pid is None:
-            try:
-                self.server_pid = int(line)
-            except ValueError:
-                self.log.warn("{model}: the supervisor reported pid {line!r}",
-                              model=self.model_id, line=line)
-            else:
-                self.model_log.note(f"server pid {self.server_pid}")
-            self._pid_pipe_closed()
+        if not newline or self.server_pid is not None:
+            return
+        try:
+            self.server_pid = int(line)
+            self.model_log.note(f"server pid {self.server_pid}")
+        except Exception:
+            self.log.failure("reading the server pid of {model} from {line!r}",
+                             model=self.model_id, line=line)
+        self._pid_pipe_closed()
 
     def _pid_pipe_closed(self) -> None:
         """No (more) pid report can come: release whoever waits for one."""
         waiters, self._pid_waiters = self._pid_waiters, None
         for d in waiters or ():
-            d.callback(None)
+            if not d.called:  # a cancelled start no longer waits
+                d.callback(None)
 
     def _main_exited(self, reason) -> None:
         try:
