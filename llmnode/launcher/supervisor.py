@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Optional
 
 #: The name that marks a supervisor's command line (checked by L{llmnode.launcher.reclaim}).
 MODULE = "llmnode.launcher.supervisor"
@@ -35,7 +36,7 @@ _POLL = 0.05
 
 
 def argv(python: str, package_root: str, node_pid: int, grace: float, command: str,
-         pid_fd: int = None) -> list:
+         pid_fd: Optional[int] = None) -> list:
     """The argument vector that runs a supervisor for C{command}.
 
     C{-I} keeps the backend's environment (PYTHONPATH, PYTHONHOME...) away from the supervisor's
@@ -63,7 +64,7 @@ _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 _TRAP = re.compile(r"(^|[;&|]|\s)trap\s")
 
 
-def exec_last(command: str):
+def exec_last(command: str) -> Optional[str]:
     """C{command} with C{exec} before its last simple command, or None where that is not safe.
 
     Safe means: one line, no pipeline, background job, subshell, group, command substitution,
@@ -81,7 +82,7 @@ def exec_last(command: str):
     return command[:at] + "exec " + command[at:]
 
 
-def last_command(command: str):
+def last_command(command: str) -> Optional[tuple[int, int, str]]:
     """Where the program of C{command}'s last simple command is, if the line is simple enough
     to tell (see L{exec_last}); else None.
 
@@ -179,7 +180,7 @@ def _stay(signum, frame):
 
 
 class Supervisor:
-    def __init__(self, node_pid: int, grace: float, command: str, pid_fd: int = None):
+    def __init__(self, node_pid: int, grace: float, command: str, pid_fd: Optional[int] = None):
         self.node_pid = node_pid
         self.grace = grace
         self.command = command
