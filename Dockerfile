@@ -40,13 +40,15 @@ RUN --mount=type=secret,id=build_ca \
 
 # The example config binds 127.0.0.1; a container must listen on every interface, and keep its
 # logs and runtime state in folders the non-root user owns. /etc/llmnode/run is writable too, for
-# a mounted config that leaves log_dir and runtime_dir relative to its folder.
+# a mounted config that leaves log_dir and runtime_dir relative to its folder. The edited config
+# must pass `check --strict`: no unknown key, and every script's program is in the image.
 COPY etc/config.example.yaml /etc/llmnode/config.yaml
 RUN sed -i -e 's/^  host: "127.0.0.1".*/  host: "0.0.0.0"/' \
       -e 's|^  log_dir: .*|  log_dir: "/var/log/llmnode"\n  runtime_dir: "/var/lib/llmnode/run"|' \
       /etc/llmnode/config.yaml \
  && grep -q '^  host: "0.0.0.0"' /etc/llmnode/config.yaml \
  && grep -q '^  runtime_dir: "/var/lib/llmnode/run"' /etc/llmnode/config.yaml \
+ && /opt/llmnode/bin/python -m llmnode check --strict /etc/llmnode/config.yaml \
  && install -d -o llmnode -g llmnode /etc/llmnode/run
 
 USER 10001

@@ -1,4 +1,4 @@
-"""Command line tools: C{python -m llmnode check PATH}."""
+"""Command line tools: C{python -m llmnode check [--strict] PATH}."""
 
 from __future__ import annotations
 
@@ -7,26 +7,44 @@ import sys
 from typing import Optional, Sequence
 
 from llmnode.config import ConfigError, load_config
+from llmnode.preflight import key_lines, line_of, script_problems
 
 
 def check(args: argparse.Namespace) -> int:
-    """Validate a config file: 0 valid, 1 invalid, 2 unreadable."""
+    """Validate a config file: 0 valid, 1 invalid, 2 unreadable. Each finding is printed as
+    C{FILE:LINE: error|warning: YAML.path: message}; with C{--strict} warnings (unknown keys,
+    script programs that cannot run) are errors."""
     try:
         config = load_config(args.path)
     except OSError as e:
         print(f"error: cannot read {args.path}: {e.strerror or e}", file=sys.stderr)
         return 2
     except ConfigError as e:
-        for line in e.warnings:
-            print(f"warning: {line}", file=sys.stderr)
-        for line in e.problems:
-            print(f"error: {line}", file=sys.stderr)
+        config, problems, warnings = None, e.problems, e.warnings
+    lines = _lines_of_file(args.path)
+    if config is not None:
+        problems, warnings = [], list(config.warnings) + script_problems(config, lines)
+    if args.strict:
+        problems, warnings = warnings + problems, []
+    for kind, found in (("warning", warnings), ("error", problems)):
+        for message in found:
+            line = line_of(message, lines)
+            where = args.path if line is None else f"{args.path}:{line}"
+            print(f"{where}: {kind}: {message}", file=sys.stderr)
+    if problems:
         return 1
-    for line in config.warnings:
-        print(f"warning: {line}", file=sys.stderr)
     count = len(config.models)
     print(f"{args.path}: OK ({count} model{'' if count == 1 else 's'})")
     return 0
+
+
+def _lines_of_file(path: str) -> dict:
+    """L{key_lines} of the file at C{path}; none when it cannot be read as text."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return key_lines(f.read())
+    except (OSError, UnicodeDecodeError):
+        return {}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,8 +55,12 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", metavar="COMMAND")
     checker = commands.add_parser(
         "check", help="validate a config file",
-        description="Report every problem in a config file; exit 0 valid, 1 invalid, "
+        description="Report every problem in a config file, with its line, and plans whose "
+                    "script program is missing or not executable; exit 0 valid, 1 invalid, "
                     "2 unreadable.")
+    checker.add_argument("--strict", action="store_true",
+                         help="treat warnings (unknown keys, script programs that cannot run) "
+                              "as errors")
     checker.add_argument("path", metavar="PATH", help="the YAML config file")
     checker.set_defaults(func=check)
     return top

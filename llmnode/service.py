@@ -76,7 +76,7 @@ class NodeService(MultiService):
         self._node_log_observer = self.node_log.observer(program)
         self.site = NodeSite(build_root(self.node, self.http, reactor, program,
                                         devices=self.devices_report, node_log=self.node_log,
-                                        model_log=self._model_log),
+                                        model_log=self._model_log, ready=lambda: self.ready),
                              max_body_bytes=max_body_bytes(program.max_body_mb), clock=reactor)
         self._listening = None
 
@@ -130,6 +130,15 @@ class NodeService(MultiService):
         if self._listening is None:
             self._listening = self.reactor.listenTCP(self.port, self.site, backlog=1024,
                                                      interface=self.host)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the node has read its devices once (health says C{starting} until then)."""
+        return self.monitor is not None and self.monitor.known
+
+    def when_ready(self) -> defer.Deferred:
+        """A Deferred that fires once L{ready}; call it after L{startService}."""
+        return self.monitor.when_known().addCallback(lambda _: None)
 
     @property
     def listening_port(self) -> Optional[int]:

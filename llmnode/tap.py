@@ -84,7 +84,7 @@ def makeService(options: Options) -> TwistdNode:
 
     program = options.loaded.program
     node = NodeService(options.loaded, reactor, host=options["host"], port=options["port"])
-    reactor.addSystemEventTrigger("after", "startup", _stop_cleanly_on_sigterm, reactor)
+    reactor.addSystemEventTrigger("after", "startup", _stop_cleanly_on_signals, reactor)
     reactor.addSystemEventTrigger("after", "startup", _reload_on_sighup, reactor, node)
     reactor.addSystemEventTrigger("after", "startup", _settle_garbage_collector)
     stream = None
@@ -114,9 +114,11 @@ def _rotate_on_sigusr1(reactor, log_file: LogFile) -> None:
                       lambda signum, frame: reactor.callFromThread(log_file.rotate))
 
 
-def _stop_cleanly_on_sigterm(reactor) -> None:
-    """SIGTERM is the normal way a container or init stops the node: shut down in order and
-    exit 0 (twistd's own handler would re-raise the signal and exit 143)."""
+def _stop_cleanly_on_signals(reactor) -> None:
+    """SIGTERM is the normal way a container or init stops the node, and Ctrl-C (SIGINT) the
+    way an operator stops a foreground one: both shut down in order and exit 0 (twistd's own
+    handlers would re-raise the signal and exit 143 or 130). A SIGINT the node was started
+    with ignored (a background job of a script) stays ignored."""
     from twisted.internet.error import ReactorNotRunning
     from twisted.logger import Logger
 
@@ -124,10 +126,13 @@ def _stop_cleanly_on_sigterm(reactor) -> None:
         try:
             reactor.stop()
         except ReactorNotRunning:
-            pass  # a second SIGTERM while already stopping
+            pass  # a second signal while already stopping
 
     def handler(signum, frame):
-        Logger().info("received SIGTERM: stopping every model, then exiting")
+        Logger().info("received {name}: stopping every model, then exiting",
+                      name=signal.Signals(signum).name)
         reactor.callFromThread(stop)
 
     signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, handler)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
+import psutil
 from twisted.trial.unittest import TestCase
 
 from tests.support.nodes import (base_url, demo_model, free_port, get_json, http_client,
@@ -137,3 +141,48 @@ class CrashTests(TestCase):
         self.assertEqual(status, 200, "the next request starts it again")
         _, info = await get_json(http, url + "/api/models/chat/info")
         self.assertEqual(info["starts"], 2)
+
+
+class WhichPidTests(TestCase):
+    """C{pid} is the model server's own; C{supervisor_pid} leads its process group."""
+
+    timeout = 60
+
+    async def start(self, script_prefix: str = "") -> tuple[dict, int, str]:
+        """Start model C{chat} whose script begins with C{script_prefix}; (info, the demo
+        server's own pid, node URL)."""
+        port = free_port()
+        model = demo_model(port)
+        model["Plan"]["script_path"] = script_prefix + model["Plan"]["script_path"]
+        service = await start_node(self, {"chat": model})
+        self.http = http_client(self)
+        url = base_url(service)
+        status, info, _ = await post_json(self.http, url + "/api/models/chat/start", {})
+        self.assertEqual(status, 200, info)
+        _, stats = await get_json(self.http, f"http://127.0.0.1:{port}/debug/stats")
+        return info, stats["pid"], url
+
+    async def test_pid_is_the_model_servers(self):
+        info, server, _ = await self.start()
+        self.assertEqual(info["pid"], server)
+        self.assertEqual(psutil.Process(server).ppid(), info["supervisor_pid"])
+        self.assertEqual(os.getpgid(server), info["supervisor_pid"])
+
+    async def crash_reason(self, script_prefix: str) -> str:
+        """SIGKILL the demo server; the model's last error."""
+        _, server, url = await self.start(script_prefix)
+        os.kill(server, signal.SIGKILL)
+        for _ in range(200):
+            _, info = await get_json(self.http, url + "/api/models/chat/info")
+            if info["state"] == "failed":
+                return info["last_error"]
+            await sleep(0.02)
+        self.fail(f"the kill was not noticed: {info}")
+
+    async def test_a_kill_reads_the_same_with_or_without_a_shell_between(self):
+        """A one-line script's server runs without a shell between (its last command is
+        exec'd); a two-line script keeps the shell, whose 128+N is read as signal N."""
+        for prefix in ("", "echo a shell stays for two lines\n"):
+            reason = await self.crash_reason(prefix)
+            self.assertIn("killed by signal 9", reason, repr(prefix))
+            self.assertNotIn("137", reason, repr(prefix))

@@ -30,6 +30,7 @@ def tree(**program) -> StubTreq:
     for name in (b"v1", b"rerank", b"metrics", b"completion", b"infill", b"tokenize",
                  b"detokenize", b"upstream"):
         root.putChild(name, Echo())
+    root.putChild(b"health", Echo())
     api = Resource()
     api.putChild(b"health", Echo())
     api.putChild(b"models", Echo())
@@ -76,9 +77,12 @@ class GuardTests(SynchronousTestCase):
 
     def test_health_needs_a_key_unless_open(self):
         client = tree(api_keys=("k",), open_health=False)
-        self.assertEqual(status_of(client, "/api/health"), 401)
-        self.assertEqual(status_of(client, "/api/health", "k"), 200)
-        self.assertEqual(status_of(tree(api_keys=("k",)), "/api/health/"), 200)
+        for path in ("/api/health", "/health"):
+            self.assertEqual(status_of(client, path), 401)
+            self.assertEqual(status_of(client, path, "k"), 200)
+        for path in ("/api/health", "/api/health/", "/health", "/health/"):
+            self.assertEqual(status_of(tree(api_keys=("k",)), path), 200, path)
+        self.assertEqual(status_of(tree(api_keys=("k",)), "/health/x"), 401)
 
     def test_metrics_open_without_metrics_auth(self):
         client = tree(api_keys=("k",), metrics_auth=False)

@@ -553,7 +553,7 @@ class CheckCommandTests(SynchronousTestCase):
         path = self.write(EXAMPLE.replace("alive_time", "alive_tme"))
         code, out, err = self.run_main(["check", path])
         self.assertEqual((code, out), (0, f"{path}: OK (1 model)\n"))
-        self.assertEqual(err, "warning: program.alive_tme: unknown key "
+        self.assertEqual(err, f"{path}:1: warning: program.alive_tme: unknown key "
                               "(did you mean 'alive_time'?)\n")
 
     def test_invalid(self):
@@ -562,10 +562,96 @@ class CheckCommandTests(SynchronousTestCase):
         code, out, err = self.run_main(["check", path])
         self.assertEqual((code, out), (1, ""))
         self.assertEqual(sorted(err.splitlines()), [
-            "error: Local-Models.demo-chat.mode: unknown mode 'Chit' (expected one of "
-            "Chat, Base, Embedding, Reranker, Audio, Speech, Image)",
-            "warning: extra: unknown key",
+            f"{path}:11: warning: extra: unknown key",
+            f"{path}:5: error: Local-Models.demo-chat.mode: unknown mode 'Chit' (expected one "
+            "of Chat, Base, Embedding, Reranker, Audio, Speech, Image)",
         ])
+
+    def test_every_message_names_its_line(self):
+        path = self.write(textwrap.dedent("""\
+            program:
+              port: 8080
+              alive_tme: 5
+            Local-Models:
+              chat:
+                mode: Chat
+                port: 18101
+                aliases: [ok, 3]
+                CPU:
+                  required_devices: [cpu]
+                  script_path: '"$LLMNODE_PYTHON" -m llmnode.demo.backend'
+                  memory_mb: {gpu0: 5}
+              other:
+                mode: Chat
+                port: 18102
+            """))
+        code, _, err = self.run_main(["check", path])
+        self.assertEqual(code, 1)
+        self.assertEqual(sorted(err.splitlines()), sorted([
+            f"{path}:3: warning: program.alive_tme: unknown key (did you mean 'alive_time'?)",
+            f"{path}:8: error: Local-Models.chat.aliases[1]: expected a string, got a number (3)",
+            f"{path}:12: error: Local-Models.chat.CPU.memory_mb.gpu0: device 'gpu0' is not in "
+            "required_devices ['cpu']",
+            f"{path}:13: error: Local-Models.other: no hardware plan (a mapping with "
+            "required_devices and script_path)",
+        ]))
+        code, _, err = self.run_main(["check", self.write("program:\n  port: [\n")])
+        self.assertEqual(code, 1)
+        self.assertRegex(err, r"^\S+:3: error: line 3, column \d+: YAML syntax error")
+
+    def test_strict_makes_warnings_errors(self):
+        path = self.write(EXAMPLE.replace("alive_time", "alive_tme"))
+        code, out, err = self.run_main(["check", "--strict", path])
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, f"{path}:1: error: program.alive_tme: unknown key "
+                              "(did you mean 'alive_time'?)\n")
+        clean = self.write(EXAMPLE)
+        self.assertEqual(self.run_main(["check", "--strict", clean]),
+                         (0, f"{clean}: OK (1 model)\n", ""))
+
+    def test_script_programs_that_cannot_run(self):
+        """A plan's program that is missing, not executable or not on PATH is a warning (an
+        error with --strict); a program that runs, or one the check cannot tell, is not."""
+        folder = self.mktemp()
+        os.makedirs(os.path.join(folder, "bin"))
+        for name, mode in (("ok.sh", 0o755), ("plain.sh", 0o644), ("bin/on-path", 0o755)):
+            with open(os.path.join(folder, name), "w") as f:
+                f.write("#!/bin/sh\n")
+            os.chmod(os.path.join(folder, name), mode)
+        plans = {
+            "Missing": "./nowhere.sh --port $LLMNODE_PORT",
+            "Plain": "cd /tmp && LOG=1 " + os.path.join(os.path.abspath(folder), "plain.sh"),
+            "Unknown": "no-such-llama-server -m x.gguf",
+            "Fine": "./ok.sh",
+            "Python": '"$LLMNODE_PYTHON" -m llmnode.demo.backend',
+            "OnPlanPath": "on-path",
+            "Piped": "./nowhere.sh | cat",
+            "Unset": "$NOT_SET_ANYWHERE/serve",
+        }
+        text = "Local-Models:\n  m:\n    mode: Chat\n    port: 18101\n" + "".join(
+            f"    {name}:\n      required_devices: [cpu]\n      script_path: {script!r}\n"
+            + ("      env: {PATH: bin}\n" if name == "OnPlanPath" else "")
+            for name, script in plans.items())
+        path = os.path.join(folder, "config.yaml")
+        with open(path, "w") as f:
+            f.write(text.replace("env: {PATH: bin}",
+                                 f"env: {{PATH: {os.path.join(os.path.abspath(folder), 'bin')}}}"))
+        code, _, err = self.run_main(["check", path])
+        self.assertEqual(code, 0, err)
+        plain = os.path.join(os.path.abspath(folder), "plain.sh")
+        expected = [
+            f"{path}:7: warning: Local-Models.m.Missing.script_path: program './nowhere.sh' "
+            f"does not exist ({os.path.join(os.path.abspath(folder), 'nowhere.sh')})",
+            f"{path}:10: warning: Local-Models.m.Plain.script_path: program {plain!r} is not "
+            f"executable ({plain})",
+            f"{path}:13: warning: Local-Models.m.Unknown.script_path: program "
+            "'no-such-llama-server' is not on PATH",
+        ]
+        self.assertEqual(err.splitlines(), expected)
+        code, _, err = self.run_main(["check", "--strict", path])
+        self.assertEqual(code, 1)
+        self.assertEqual(err.splitlines(), [line.replace(": warning: ", ": error: ")
+                                            for line in expected])
 
     def test_unreadable(self):
         path = self.mktemp()

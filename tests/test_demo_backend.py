@@ -207,6 +207,30 @@ class ResourceTests(SynchronousTestCase):
         self.assertNotIn("llmnode_echo", chunks[1])
         self.assertEqual(request.finished, 1)
 
+    def test_stream_ends_with_a_usage_chunk_when_asked(self):
+        """C{stream_options.include_usage}: a last chunk with no choices and the token counts,
+        before C{[DONE]}, as OpenAI and llama.cpp send it; without it, no such chunk."""
+        body = {"messages": [{"role": "user", "content": "count these words"}], "stream": True,
+                "chunks": 2, "stream_options": {"include_usage": True}}
+        request = self.render(self.resource(chunk_interval=0.5),
+                              _request(b"POST", b"/v1/chat/completions", body))
+        self.clock.advance(0.5)
+        events = _events(request)
+        self.assertEqual(events[-1], "[DONE]")
+        chunks = [json.loads(e) for e in events[:-1]]
+        self.assertEqual([len(c["choices"]) for c in chunks], [1, 1, 0])
+        usage = chunks[-1]["usage"]
+        self.assertEqual(usage["prompt_tokens"], 3)
+        self.assertGreater(usage["completion_tokens"], 0)
+        self.assertEqual(usage["total_tokens"],
+                         usage["prompt_tokens"] + usage["completion_tokens"])
+        self.assertEqual(chunks[-1]["id"], chunks[0]["id"])
+        del body["stream_options"]
+        request = self.render(self.resource(chunk_interval=0.5),
+                              _request(b"POST", b"/v1/chat/completions", body))
+        self.clock.advance(0.5)
+        self.assertEqual([len(json.loads(e)["choices"]) for e in _events(request)[:-1]], [1, 1])
+
     def test_slow_headers_wait_on_the_clock(self):
         request = self.render(self.resource(slow_headers=2.0), _request(b"GET", b"/health"))
         self.clock.advance(1.9)

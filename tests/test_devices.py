@@ -357,6 +357,21 @@ class MonitorTests(SynchronousTestCase):
         self.assertEqual(sorted(self.successResultOf(monitor.refresh())), ["cpu", "gpu0"])
         self.assertEqual(hung.calls, 2)
 
+    def test_known_once_the_first_read_ends(self):
+        """Before the first read ends an empty snapshot means "not read yet", not "no devices";
+        a hung plugin delays that by at most the plugin timeout."""
+        pending = Deferred()
+        monitor = self.monitor(ScriptedPlugin("hung", gpu()), runner=lambda f: pending,
+                               plugin_timeout=5)
+        known = monitor.when_known()
+        monitor.start()
+        self.assertFalse(monitor.known)
+        self.assertNoResult(known)
+        self.clock.advance(5)
+        self.assertTrue(monitor.known)
+        self.assertEqual(dict(self.successResultOf(known)), {})
+        self.assertEqual(dict(self.successResultOf(monitor.when_known())), {})
+
     def test_callers_during_a_read_get_a_later_read(self):
         plugin = ScriptedPlugin("p", gpu(free=1))
         answers: list[Deferred] = []

@@ -60,7 +60,7 @@ class FaultCase(TestCase):
     async def pid_group(self, name: str = "chat") -> tuple[int, list[int]]:
         """The supervisor pid of a model that is starting or running, and its group so far."""
         for _ in range(200):
-            pid = (await self.info(name))["pid"]
+            pid = (await self.info(name))["supervisor_pid"]
             if pid is not None:
                 return pid, group(pid)
             await sleep(0.02)
@@ -108,7 +108,7 @@ class BackendFaultTests(FaultCase):
                                             stop_timeout=0.5)})
         status, info, _ = await post_json(self.http, self.url + "/api/models/chat/start", {})
         self.assertEqual(status, 200, info)
-        members = group(info["pid"])
+        members = group(info["supervisor_pid"])
         self.assertGreaterEqual(len(members), 2)
         status, info, _ = await post_json(self.http, self.url + "/api/models/chat/stop", {})
         self.assertEqual((status, info["state"]), (200, "stopped"))
@@ -222,7 +222,7 @@ class NodeProcessFaultTests(TwistdCase):
         node, http, url, port = await self.twistd(config)
         status, info, _ = await post_json(http, url + "/api/models/chat/start", {})
         self.assertEqual(status, 200, info)
-        members = group(info["pid"])
+        members = group(info["supervisor_pid"])
         request = http_request("POST", CHAT, json.dumps(chat(stream=True)).encode(),
                                {"Content-Type": "application/json"})
         clients = []
@@ -259,7 +259,7 @@ class NodeProcessFaultTests(TwistdCase):
         first, http, url, _ = await self.twistd(config)
         status, info, _ = await post_json(http, url + "/api/models/chat/start", {})
         self.assertEqual(status, 200, info)
-        old = group(info["pid"])
+        old = group(info["supervisor_pid"])
         self.assertGreaterEqual(len(old), 2)
         os.kill(first.pid, signal.SIGKILL)
         await first.ended
@@ -272,7 +272,7 @@ class NodeProcessFaultTests(TwistdCase):
         self.assertEqual(info["starts"], 1)
         backends = demo_backends(model_port)
         self.assertEqual(len(backends), 1, "exactly one backend serves the model")
-        self.assertIn(backends[0], group(info["pid"]))
+        self.assertIn(backends[0], group(info["supervisor_pid"]))
         self.assertEqual(pids_alive(old), [])
 
 

@@ -21,6 +21,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 import llmnode
 from llmnode.launcher import Backend, ModelLog, StartError, reclaim
 from llmnode.launcher.runtime import record_path
+from llmnode.launcher.supervisor import exec_last
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(llmnode.__file__)))
 PYTHON = sys.executable
@@ -41,7 +42,15 @@ def group_alive(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
-    return any(p.status() != psutil.STATUS_ZOMBIE for p in _members(pgid))
+    return any(_living(p) for p in _members(pgid))
+
+
+def _living(process) -> bool:
+    """Whether C{process} is neither gone (it may end while the group is listed) nor a zombie."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _members(pgid: int) -> list:
@@ -74,6 +83,34 @@ def kill_group(pgid) -> None:
 def demo(port: int, *flags: str) -> str:
     return " ".join([PYTHON, "-m", "llmnode.demo.backend", "--port", str(port), "--alarm", "60",
                      *flags])
+
+
+class ExecLastTests(unittest.SynchronousTestCase):
+    """Which scripts run their server without a shell in between, and how they are rewritten."""
+
+    def test_one_line_commands_exec_their_last_command(self):
+        for command, rewritten in [
+            ('llama-server -m m.gguf --port "$LLMNODE_PORT" 2>&1',
+             'exec llama-server -m m.gguf --port "$LLMNODE_PORT" 2>&1'),
+            ('cd models && ./serve "a;b|c"', 'cd models && exec ./serve "a;b|c"'),
+            ("a; b || c 'x && y'", "a; b || exec c 'x && y'"),
+            ('CUDA_VISIBLE_DEVICES=0 X="a b" vllm serve m', 'CUDA_VISIBLE_DEVICES=0 X="a b" exec '
+                                                           'vllm serve m'),
+            ("exec ./serve", "exec ./serve"),
+        ]:
+            self.assertEqual(exec_last(command), rewritten, command)
+
+    def test_a_shell_stays_where_exec_would_change_the_script(self):
+        for command in ["./serve | tee log", "./serve &", "a\nb", "./serve # note",
+                        "./serve --threads $(nproc)", "./serve `nproc`", "(./serve)",
+                        "{ a; ./serve; }", "if x; then ./serve; fi", "a && cd x", "X=1",
+                        "trap 'cleanup' EXIT; ./serve", "./serve 'unclosed", "a &&"]:
+            self.assertIsNone(exec_last(command), command)
+
+    def test_assignments_before_exec_reach_the_program(self):
+        done = subprocess.run(["/bin/sh", "-c", exec_last('A="x y" printenv A')],
+                              capture_output=True, text=True, timeout=30)
+        self.assertEqual(done.stdout, "x y\n")
 
 
 class BackendTests(unittest.TestCase):

@@ -6,6 +6,9 @@ import json
 import os
 import signal
 import sys
+import textwrap
+
+import yaml
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -18,6 +21,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
 import llmnode
+from llmnode.config import load_config
+from llmnode.service import NodeService
+from tests.support.nodes import base_url, free_port, http_client, post_json
 from tests.support.tiny_gguf import write_tiny_gguf
 
 try:
@@ -253,3 +259,67 @@ class LlamaCppScriptTests(TestCase):
         self.assertIn(b"server did not start", process.stderr)
         self.assertFailure(process.listening, RuntimeError)
         await process.listening
+
+
+def readme_recipe() -> str:
+    """The YAML block of README's section on C{llmnode.demo.llamacpp}."""
+    with open(os.path.join(_PACKAGE_ROOT, "README.rst")) as f:
+        text = f.read()
+    section = text[text.index("A real model without building llama.cpp"):]
+    block = section[section.index(".. code-block:: yaml"):].split("\n\n", 2)[1]
+    return textwrap.dedent(block)
+
+
+class ReadmeRecipeTests(TestCase):
+    """
+    The README's llama.cpp recipe, as written, serves a GGUF file found
+    beside the config.
+    """
+
+    timeout = 120
+
+    async def node(self, with_model_file):
+        """
+        Run a node on the recipe (the model's port made free); return its
+        URL, the model name and the relative model path.
+        """
+        recipe = yaml.safe_load(readme_recipe())
+        (name, model), = recipe["Local-Models"].items()
+        model["port"] = free_port()
+        script = model["CPU"]["script_path"]
+        relative = script.split("--model ", 1)[1].split()[0]
+        self.assertFalse(os.path.isabs(relative))
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        if with_model_file:
+            os.makedirs(os.path.dirname(os.path.join(folder, relative)))
+            write_tiny_gguf(os.path.join(folder, relative))
+        path = os.path.join(folder, "config.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(dict(recipe, program={"host": "127.0.0.1",
+                                                 "log_dir": "logs"}), f)
+        service = NodeService(load_config(path), reactor, host="127.0.0.1",
+                              port=0)
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.when_ready()
+        self.http = http_client(self)
+        return base_url(service), name, relative
+
+    async def test_chat_through_the_node(self):
+        url, name, _ = await self.node(with_model_file=True)
+        status, body, _ = await post_json(
+            self.http, url + "/v1/chat/completions",
+            {"model": name, "max_tokens": 4,
+             "messages": [{"role": "user", "content": "hello"}]})
+        self.assertEqual(200, status, body)
+        self.assertEqual("assistant", body["choices"][0]["message"]["role"])
+
+    async def test_missing_model_file_is_named_in_the_503(self):
+        url, name, relative = await self.node(with_model_file=False)
+        status, body, _ = await post_json(
+            self.http, url + "/v1/chat/completions",
+            {"model": name, "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(503, status, body)
+        self.assertIn("no model file at " + relative,
+                      body["error"]["message"])

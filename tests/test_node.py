@@ -21,6 +21,7 @@ class FakeBackend:
 
     def __init__(self, pid):
         self.pid = pid
+        self.server_pid = pid
         self.started = defer.Deferred()
         self.stopped = 0
         self._exits = []

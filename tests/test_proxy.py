@@ -158,6 +158,22 @@ class ForwardingTests(ProxyCase):
         response, _ = await self.post(port, CHAT, chat_body())
         self.assertIsNone(response.headers.getRawHeaders(b"x-accel-buffering"))
 
+    async def test_usage_chunk_of_a_stream_reaches_the_client(self):
+        """The backend's final usage chunk (C{stream_options.include_usage}) is relayed as is,
+        before C{[DONE]}."""
+        runtime = FakeRuntime(model("chat-model"), self.demo())
+        port = serve_proxy(self, [runtime])
+        response, content = await self.post(port, CHAT, chat_body(
+            stream=True, chunks=3, stream_options={"include_usage": True}))
+        self.assertEqual(response.code, 200)
+        events = [line[len(b"data: "):] for line in content.split(b"\n\n")
+                  if line.startswith(b"data: ")]
+        self.assertEqual(events[-1], b"[DONE]")
+        last = json.loads(events[-2])
+        self.assertEqual(last["choices"], [])
+        self.assertEqual(last["usage"]["total_tokens"],
+                         last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"])
+
     async def test_endpoints_by_mode_and_path(self):
         embed = FakeRuntime(model("embedder", mode="Embedding"), self.demo())
         rerank = FakeRuntime(model("ranker", mode="Reranker"), self.demo())

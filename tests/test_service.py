@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import os
+import threading
 
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from llmnode.devices.interfaces import Device, IDevicePlugin
 
 from tests.support.nodes import (base_url, demo_model, free_port, get_json, http_client,
                                  pids_alive, post_json, start_node)
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hello"}]}
+
+
+@implementer(IDevicePlugin)
+class GatedPlugin:
+    """Reports one cpu device, but only once the test opens the gate (it blocks till then)."""
+
+    name = "gated"
+
+    def __init__(self):
+        self.open = threading.Event()
+
+    def devices(self):
+        self.open.wait(30)
+        return [Device(id="cpu", kind="cpu", name="RAM", total_mb=4096, free_mb=4096)]
 
 
 class NodeTests(TestCase):
@@ -42,7 +60,7 @@ class NodeTests(TestCase):
             status, info, _ = await post_json(
                 http, base_url(service) + f"/api/models/{name}/start", {})
             self.assertEqual(status, 200, info)
-            pids.append(info["pid"])
+            pids.append(info["supervisor_pid"])
         children = _group_members(pids)
         self.assertGreater(len(children), len(pids), "the scripts' children are in the groups")
         await service.stopService()
@@ -56,6 +74,36 @@ class NodeTests(TestCase):
         self.assertEqual(health["status"], "ok")
         self.assertEqual(health["models"]["stopped"], 1)
         self.assertIn("cpu", [d["id"] for d in health["devices"]])
+
+    async def test_health_says_starting_until_the_devices_are_read(self):
+        """A readiness probe sees 503 "starting" until the first device read has ended, on
+        /health and /api/health alike; then 200 "ok" with the devices."""
+        gate = GatedPlugin()
+        service = await start_node(self, {"chat": demo_model(free_port())}, plugins=[gate],
+                                   wait_ready=False)
+        self.addCleanup(gate.open.set)
+        http = http_client(self)
+        for path in ("/health", "/api/health"):
+            response = await http.get(base_url(service) + path)
+            self.assertEqual(response.code, 503, path)
+            self.assertEqual(response.headers.getRawHeaders(b"Retry-After"), [b"1"])
+            health = await response.json()
+            self.assertEqual((health["status"], health["devices"]), ("starting", []))
+        gate.open.set()
+        await service.when_ready()
+        for path in ("/health", "/api/health"):
+            status, health = await get_json(http, base_url(service) + path)
+            self.assertEqual((status, health["status"]), (200, "ok"), path)
+            self.assertEqual([d["id"] for d in health["devices"]], ["cpu"])
+
+    async def test_root_health_is_api_health(self):
+        service = await start_node(self, {"chat": demo_model(free_port())})
+        http = http_client(self)
+        _, api = await get_json(http, base_url(service) + "/api/health")
+        status, root = await get_json(http, base_url(service) + "/health")
+        self.assertEqual(status, 200)
+        api.pop("uptime_s"), root.pop("uptime_s")
+        self.assertEqual(root, api)
 
     async def test_unknown_paths_answer_json_404(self):
         service = await start_node(self, {"chat": demo_model(free_port())})

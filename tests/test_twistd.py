@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
+import shlex
 import signal
 
 from twisted.application.service import IServiceMaker
@@ -13,8 +15,8 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llmnode.tap import Options
-from tests.support.nodes import (demo_model, free_port, http_client, pids_alive, post_json,
-                                 sleep, write_config)
+from tests.support.nodes import (PACKAGE_ROOT, demo_model, free_port, http_client, pids_alive,
+                                 post_json, sleep, write_config)
 from tests.support.twistd import Twistd, TwistdMixin
 
 class PluginTests(SynchronousTestCase):
@@ -77,16 +79,26 @@ class TwistdProcessTests(TwistdMixin, TestCase):
         status, info, _ = await post_json(http, url + "/api/models/chat/start", {})
         self.assertEqual(status, 200, info)
         import psutil
-        group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == info["pid"]]
+        group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == info["supervisor_pid"]]
         self.assertGreaterEqual(len(group), 3, "supervisor, shell/backend and its child")
         return process, group
 
-    async def test_sigterm_stops_every_backend_and_exits_0(self):
+    async def assert_stops_cleanly_on(self, signum: int):
+        """C{signum} to the node: every backend is gone and twistd exits 0."""
         process, group = await self.start_with_model()
-        os.kill(_pid_of(process), signal.SIGTERM)
+        os.kill(_pid_of(process), signum)
         reason = await process.ended
         self.assertIsInstance(reason, ProcessDone, process.output[-3000:].decode(errors="replace"))
         self.assertEqual(pids_alive(group), [])
+        self.assertIn(f"received {signal.Signals(signum).name}: stopping every model".encode(),
+                      process.output)
+
+    async def test_sigterm_stops_every_backend_and_exits_0(self):
+        await self.assert_stops_cleanly_on(signal.SIGTERM)
+
+    async def test_sigint_stops_every_backend_and_exits_0(self):
+        """Ctrl-C in a foreground run stops like SIGTERM (twistd's default exits 130)."""
+        await self.assert_stops_cleanly_on(signal.SIGINT)
 
     async def test_sigkill_of_the_node_leaves_no_backend(self):
         process, group = await self.start_with_model()
@@ -108,6 +120,41 @@ def _pgid(pid: int):
         return os.getpgid(pid)
     except OSError:
         return None
+
+
+def readme_run_command() -> list[str]:
+    """The words of the README's foreground run command, from C{twistd} on."""
+    with open(os.path.join(PACKAGE_ROOT, "README.rst")) as f:
+        for line in f:
+            if "/twistd -n" in line:
+                return shlex.split(line.split("&&")[-1])
+    raise AssertionError("README.rst shows no 'twistd -n' command")
+
+
+class ForegroundRunTests(TwistdMixin, TestCase):
+    """A foreground run, as the README shows it, leaves nothing behind in its folder."""
+
+    timeout = 60
+
+    async def test_readme_command_writes_nothing_into_the_working_directory(self):
+        words = readme_run_command()
+        options = words[1:words.index("llmnode")]
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        port = free_port()
+        process = self.spawn(write_config(self, {"chat": demo_model(free_port())}), port,
+                             options, cwd=folder)
+        status, _ = await self.wait_healthy(http_client(self), f"http://127.0.0.1:{port}",
+                                            process)
+        self.assertEqual(status, 200)
+        self.assertEqual(os.listdir(folder), [], f"twistd {' '.join(options)} left files")
+        os.kill(_pid_of(process), signal.SIGTERM)
+        self.assertIsInstance(await process.ended, ProcessDone)
+
+    def test_a_pid_file_is_ignored_by_git(self):
+        with open(os.path.join(PACKAGE_ROOT, ".gitignore")) as f:
+            patterns = [line.strip() for line in f if line.strip() and line[0] != "#"]
+        self.assertTrue(any(fnmatch.fnmatch("twistd.pid", p) for p in patterns), patterns)
 
 
 class ExampleConfigTests(TwistdMixin, TestCase):

@@ -590,7 +590,15 @@ class DemoResource(Resource):
         interval = _optional_interval(body, "chunk_interval")
         if chunks is not None and chunks > _MAX_CHUNKS:
             raise BadRequest(f"chunks must be at most {_MAX_CHUNKS}", "chunks")
+        prompt_tokens, completion_tokens = count_tokens(seen), count_tokens(text)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         if body.get("stream") is True:
+            options = body.get("stream_options")
+            wants_usage = isinstance(options, dict) and options.get("include_usage") is True
             _Stream(
                 self,
                 exchange,
@@ -598,9 +606,9 @@ class DemoResource(Resource):
                 interval=self._options.chunk_interval if interval is None else interval,
                 template=self._chunk_template(body, chat),
                 chat=chat,
+                usage=usage if wants_usage else None,
             ).start()
             return
-        prompt_tokens, completion_tokens = count_tokens(seen), count_tokens(text)
         if chat:
             choice = {
                 "index": 0,
@@ -619,11 +627,7 @@ class DemoResource(Resource):
                 "created": int(self._wallclock()),
                 "model": self._model(body),
                 "choices": [choice],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
+                "usage": usage,
             },
         )
 
@@ -910,7 +914,11 @@ class _Pieces:
 
 
 class _Stream:
-    """One SSE answer: a chunk now, the rest C{interval} apart, then C{data: [DONE]}."""
+    """One SSE answer: a chunk now, the rest C{interval} apart, then C{data: [DONE]}.
+
+    @param usage: the token counts, sent as a last chunk with no choices before C{[DONE]} (as
+        real servers do for C{stream_options.include_usage}); None sends none.
+    """
 
     def __init__(
         self,
@@ -920,6 +928,7 @@ class _Stream:
         interval: float,
         template: dict,
         chat: bool,
+        usage: Optional[dict] = None,
     ):
         self._resource = resource
         self._exchange = exchange
@@ -927,6 +936,7 @@ class _Stream:
         self._interval = interval
         self._template = template
         self._chat = chat
+        self._usage = usage
 
     def start(self) -> None:
         request = self._exchange.request
@@ -970,6 +980,9 @@ class _Stream:
         exchange = self._exchange
         request = exchange.request
         if index >= len(self._pieces):
+            if self._usage is not None:
+                usage = dict(self._template, choices=[], usage=self._usage)
+                request.write(b"data: " + json.dumps(usage).encode("utf-8") + b"\n\n")
             request.write(b"data: [DONE]\n\n")
             self._resource._finish(exchange)
             return

@@ -56,6 +56,8 @@ class DeviceMonitor:
         self._plugin_timeout = plugin_timeout
         self._stale_after = stale_after
         self._devices: Mapping[str, Device] = MappingProxyType({})
+        self._known = False
+        self._known_waiters: list[Deferred] = []
         self._waiting: list[Deferred] = []
         self._busy = False
         self._loop: Optional[LoopingCall] = None
@@ -74,6 +76,20 @@ class DeviceMonitor:
     def subscribe(self, subscriber: Callable[[Mapping[str, Device]], None]) -> None:
         """Call C{subscriber(snapshot)} after every refresh (before the refresh's waiters)."""
         self._subscribers.append(subscriber)
+
+    @property
+    def known(self) -> bool:
+        """Whether the first refresh has ended, so L{devices} is what the machine has (an empty
+        snapshot before that means "not read yet", not "no devices")."""
+        return self._known
+
+    def when_known(self) -> Deferred:
+        """A new Deferred that fires with the snapshot once L{known} is true."""
+        if self._known:
+            return succeed(self._devices)
+        waiter = Deferred()
+        self._known_waiters.append(waiter)
+        return waiter
 
     def start(self) -> None:
         """Refresh now and every C{interval} seconds until L{stop}."""
@@ -135,6 +151,10 @@ class DeviceMonitor:
         except Exception:
             self._log.failure("building the device snapshot failed")
         self._busy = False
+        if not self._known:
+            self._known = True
+            waiters = waiters + self._known_waiters
+            self._known_waiters = []
         for subscriber in self._subscribers:
             try:
                 subscriber(self._devices)

@@ -1,8 +1,9 @@
 """One backend process of a model: spawn through the supervisor, wait until healthy, stop.
 
 The backend runs as C{/bin/sh -c COMMAND} under L{llmnode.launcher.supervisor}, which leads a
-process group of its own; the supervisor's pid is the group id. Stopping signals the whole group
-(SIGTERM, grace, SIGKILL) and only returns when no process of it is left.
+process group of its own; the supervisor's pid is the group id. The supervisor reports the
+server's own pid on a pipe of its own (C{_PID_FD}). Stopping signals the whole group (SIGTERM,
+grace, SIGKILL) and only returns when no process of it is left.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ _KILL_WAIT = 5.0
 #: How long a start failure waits for the last output of an exited process.
 _OUTPUT_WAIT = 1.0
 _TAIL_LINES = 20
+#: The supervisor's descriptor for reporting the server's pid.
+_PID_FD = 3
 
 
 class StartError(Exception):
@@ -60,6 +63,16 @@ class _Output(protocol.ProcessProtocol):
 
     def errReceived(self, data: bytes) -> None:
         self._backend._output(data, "err")
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == _PID_FD:
+            self._backend._pid_reported(data)
+        else:
+            super().childDataReceived(childFD, data)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD == _PID_FD:
+            self._backend._pid_pipe_closed()
 
     def processExited(self, reason) -> None:
         self._backend._main_exited(reason)
@@ -102,7 +115,12 @@ class Backend:
         self.runtime_dir = runtime_dir
         self.host = host
         self._http = http
+        #: The supervisor's pid, which is also the process group's id.
         self.pid: Optional[int] = None
+        #: The model server's pid (the supervisor's child), once the supervisor reported it.
+        self.server_pid: Optional[int] = None
+        self._pid_report = b""
+        self._pid_waiters: Optional[list[defer.Deferred]] = []
         self.started_at: Optional[float] = None
         self.ready_at: Optional[float] = None
         self.status: Optional[str] = None
@@ -175,11 +193,12 @@ class Backend:
     def _spawn(self) -> None:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(llmnode.__file__)))
         args = supervisor.argv(sys.executable, package_root, os.getpid(), self.stop_timeout,
-                               self.command)
+                               self.command, pid_fd=_PID_FD)
         self.model_log.note(f"starting: {self.command}")
         try:
             self._transport = self._reactor.spawnProcess(
-                _Output(self), sys.executable, args, env=self.env, path=self.cwd)
+                _Output(self), sys.executable, args, env=self.env, path=self.cwd,
+                childFDs={0: "w", 1: "r", 2: "r", _PID_FD: "r"})
         except Exception as e:
             self.model_log.note(f"could not start: {e}")
             raise StartError(f"model {self.model_id!r} could not be started: {e}", "spawn")
@@ -206,6 +225,7 @@ class Backend:
             if not self._probing:
                 break
             if code == 200:
+                await self._pid_known()
                 return
             if code == 404 and self.health_path is None and path == "/health":
                 path = "/v1/models"
@@ -266,6 +286,35 @@ class Backend:
             self.log.failure("writing the output of {model} to {path}",
                              model=self.model_id, path=self.model_log.path)
 
+    def _pid_known(self) -> defer.Deferred:
+        """Fires once L{server_pid} is read, or can no longer come. The supervisor reports it
+        long before the server can answer; only reading the report may still be pending."""
+        if self._pid_waiters is None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._pid_waiters.append(d)
+        return d
+
+    def _pid_reported(self, data: bytes) -> None:
+        self._pid_report = (self._pid_report + data)[:32]
+        line, newline, _ = self._pid_report.partition(b"\n")
+        if not newline or self.server_pid is not None:
+            return
+        try:
+            self.server_pid = int(line)
+            self.model_log.note(f"server pid {self.server_pid}")
+        except Exception:
+            self.log.failure("reading the server pid of {model} from {line!r}",
+                             model=self.model_id, line=line)
+        self._pid_pipe_closed()
+
+    def _pid_pipe_closed(self) -> None:
+        """No (more) pid report can come: release whoever waits for one."""
+        waiters, self._pid_waiters = self._pid_waiters, None
+        for d in waiters or ():
+            if not d.called:  # a cancelled start no longer waits
+                d.callback(None)
+
     def _main_exited(self, reason) -> None:
         try:
             self.status = describe_exit(reason)
@@ -289,6 +338,7 @@ class Backend:
 
     def _pipes_closed(self) -> None:
         self._pipes_open = False
+        self._pid_pipe_closed()
         try:
             self.model_log.flush()
         except Exception:

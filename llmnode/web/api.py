@@ -72,7 +72,12 @@ class _Group(Resource):
 
 
 class HealthResource(_JSONResource):
-    """C{GET /api/health}: status, version, uptime, models by state, devices."""
+    """C{GET /api/health} (and C{GET /health}): status, version, uptime, models by state,
+    devices.
+
+    Until the node has read its devices once it answers 503 with status C{starting}: a
+    readiness probe must not send requests to a node that cannot place a model yet.
+    """
 
     def __init__(self, api: "ApiResource"):
         super().__init__()
@@ -82,8 +87,11 @@ class HealthResource(_JSONResource):
         by_state = {state: 0 for state in STATES}
         for runtime in self.api.node.runtimes():
             by_state[runtime.state] += 1
-        return 200, {
-            "status": "ok",
+        ready = self.api.ready()
+        if not ready:
+            request.setHeader(b"Retry-After", b"1")
+        return 200 if ready else 503, {
+            "status": "ok" if ready else "starting",
             "version": __version__,
             "uptime_s": round(self.api.clock.seconds() - self.api.started_at, 3),
             "models": by_state,
@@ -239,11 +247,13 @@ class ApiResource(_Group):
     @param node_log: the node's own log, served at C{/api/logs} (a
         L{llmnode.web.logs.LogSource}); C{model_log} returns a model's, served at
         C{/api/models/{alias}/logs}. None: not served.
+    @param ready: whether the node knows its devices yet (health says C{starting} until then).
     """
 
     def __init__(self, node, clock, *, devices: Callable[[], list],
                  started_at: Optional[float] = None, node_log=None,
-                 model_log: Optional[Callable] = None):
+                 model_log: Optional[Callable] = None,
+                 ready: Callable[[], bool] = lambda: True):
         super().__init__()
         self.node = node
         self.clock = clock
@@ -251,6 +261,7 @@ class ApiResource(_Group):
         self.model_log = model_log
         if node_log is not None:
             self.putChild(b"logs", LogResource(node_log))
+        self.ready = ready
         self.started_at = clock.seconds() if started_at is None else started_at
         self.putChild(b"health", HealthResource(self))
         self.putChild(b"devices", DevicesResource(self))

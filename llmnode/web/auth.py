@@ -3,7 +3,8 @@
 C{/v1}, C{/rerank}, llama.cpp's native routes and C{/upstream} take C{program.api_keys};
 C{/api}, C{/metrics} and any other path take C{program.admin_api_keys}, or C{program.api_keys}
 when no admin key is configured. An empty key set means no authentication on those paths.
-C{/api/health} stays open with C{program.open_health}, C{/metrics} with C{metrics_auth: false}.
+C{/health} and C{/api/health} stay open with C{program.open_health}, C{/metrics} with
+C{metrics_auth: false}.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from llmnode.web.common import render_error
 CLIENT_SEGMENTS = frozenset({b"v1", b"rerank", b"completion", b"infill", b"tokenize",
                              b"detokenize", b"upstream"})
 
-_HEALTH_PATHS = ([b"health"], [b"health", b""])
+#: The rest of the path after C{/api}, and after C{/health}, that is the health endpoint.
+_API_HEALTH_PATHS = ([b"health"], [b"health", b""])
+_HEALTH_PATHS = ([], [b""])
 
 
 def _digest(key: bytes) -> bytes:
@@ -82,7 +85,8 @@ class Guard:
         """The keys that open C{/segment/rest...}, or None when the path is open."""
         if segment in CLIENT_SEGMENTS:
             keys = self.client
-        elif segment == b"api" and self.open_health and rest in _HEALTH_PATHS:
+        elif self.open_health and (segment == b"api" and rest in _API_HEALTH_PATHS
+                                   or segment == b"health" and rest in _HEALTH_PATHS):
             return None
         elif segment == b"metrics" and not self.metrics_auth:
             return None

@@ -1,5 +1,6 @@
 """The node's resource tree: C{/v1} (the proxy), C{/rerank} and llama.cpp's native routes,
-C{/upstream} (passthrough), and C{/api} (management)."""
+C{/upstream} (passthrough), C{/api} (management), C{/metrics}, and C{/health} (the same answer
+as C{/api/health}, where load balancers look first)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Callable, Optional
 
 from twisted.web.resource import Resource
 
-from llmnode.web.api import ApiResource
+from llmnode.web.api import ApiResource, HealthResource
 from llmnode.web.auth import Guard
 from llmnode.web.common import ErrorResource
 from llmnode.web.cors import Cors
@@ -64,16 +65,22 @@ class CorsRoot(Root):
 
 
 def build_root(node, http, clock, program, *, devices: Callable[[], list], node_log=None,
-               model_log: Optional[Callable] = None) -> Root:
+               model_log: Optional[Callable] = None,
+               ready: Callable[[], bool] = lambda: True) -> Root:
     """The whole tree for one node, behind the keys of C{program}; C{node_log} and
-    C{model_log} as L{ApiResource} takes them."""
+    C{model_log} as L{ApiResource} takes them.
+
+    @param ready: whether the node knows its devices yet (see L{HealthResource}).
+    """
     if program.cors_origins:
         root: Root = CorsRoot(Guard(program), cors=Cors(program.cors_origins))
     else:
         root = Root(Guard(program))
     root.proxy = mount(root, node, http, clock, program)
     root.putChild(b"upstream", UpstreamResource(node, root.proxy.forwarder))
-    root.putChild(b"api", ApiResource(node, clock, devices=devices, node_log=node_log,
-                                      model_log=model_log))
+    api = ApiResource(node, clock, devices=devices, node_log=node_log, model_log=model_log,
+                      ready=ready)
+    root.putChild(b"api", api)
+    root.putChild(b"health", HealthResource(api))
     root.putChild(b"metrics", MetricsResource(node, devices))
     return root

@@ -55,12 +55,18 @@ def _remove_tree(folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-async def start_node(testcase, models: dict, *, plugins=None, **program) -> NodeService:
-    """Start a node on a free loopback port; it is stopped (and checked clean) after the test."""
+async def start_node(testcase, models: dict, *, plugins=None, wait_ready: bool = True,
+                     **program) -> NodeService:
+    """Start a node on a free loopback port; it is stopped (and checked clean) after the test.
+
+    @param wait_ready: return only once the node has read its devices (its health says C{ok}).
+    """
     config = load_config(write_config(testcase, models, **program))
     service = NodeService(config, reactor, host="127.0.0.1", port=0, plugins=plugins)
     service.startService()
     testcase.addCleanup(_stop, service)
+    if wait_ready:
+        await service.when_ready()
     return service
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -31,13 +32,16 @@ class Twistd(ProcessProtocol):
 class TwistdMixin:
     """For a TestCase: spawn twistd on a config, killed after the test."""
 
-    def spawn(self, config: str, port: int) -> Twistd:
+    def spawn(self, config: str, port: int, twistd_options=("-n", "--pidfile="),
+              cwd: Optional[str] = None) -> Twistd:
+        """Run C{twistd OPTIONS llmnode --config CONFIG --port PORT} in C{cwd} (default: the
+        config's folder)."""
         process = Twistd()
         env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT)
-        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "llmnode",
+        argv = [sys.executable, "-c", TWISTD, *twistd_options, "llmnode",
                 "--config", config, "--port", str(port)]
         transport = reactor.spawnProcess(process, sys.executable, argv, env=env,
-                                         path=os.path.dirname(config))
+                                         path=cwd or os.path.dirname(config))
         self.addCleanup(self.kill, transport, process)
         return process
 
@@ -47,12 +51,17 @@ class TwistdMixin:
         return process.ended
 
     async def wait_healthy(self, http, url, process):
+        """(status, health) of the first answer of C{/api/health} that is not 503 "starting"."""
         for _ in range(200):
             if process.ended.called:
                 self.fail(f"twistd exited: {process.output[-3000:]!r}")
             try:
-                return await get_json(http, url + "/api/health")
+                status, health = await get_json(http, url + "/api/health")
             except Exception:
-                await sleep(0.05)
+                pass
+            else:
+                if status != 503:
+                    return status, health
+            await sleep(0.05)
         self.fail(f"twistd never answered: {process.output[-3000:]!r}")
 
