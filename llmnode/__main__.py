@@ -7,6 +7,7 @@ import sys
 from typing import Optional, Sequence
 
 from llmnode.config import ConfigError, load_config
+from llmnode.costs import CostBook, costs_path
 from llmnode.preflight import key_lines, line_of, script_problems
 
 
@@ -35,7 +36,34 @@ def check(args: argparse.Namespace) -> int:
         return 1
     count = len(config.models)
     print(f"{args.path}: OK ({count} model{'' if count == 1 else 's'})")
+    for line in cost_lines(config):
+        print(line)
     return 0
+
+
+def cost_lines(config) -> list[str]:
+    """Per plan, declared and learned memory and load time, once a node using this config's
+    runtime folder has learned any (none before: nothing to compare)."""
+    book = CostBook(costs_path(config.program.runtime_dir))
+    try:
+        book.load()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"learned costs: unreadable ({e})"]
+    if not any(True for _ in book.items()):
+        return []
+    lines = [f"learned costs ({book.path}):"]
+    for model in config.models:
+        for plan, figures in book.info(model).items():
+            parts = []
+            for requirement, declared in figures["declared_mb"].items():
+                learned = figures["learned_peak_mb"].get(requirement)
+                parts.append(f"{requirement}: declared "
+                             f"{'-' if declared is None else f'{declared:.0f} MB'}, learned "
+                             f"{'-' if learned is None else f'{learned:.0f} MB'}")
+            load = figures["learned_load_s"]
+            parts.append(f"load {'-' if load is None else f'{load:.1f} s'}")
+            lines.append(f"  {model.id} / {plan}: " + "; ".join(parts))
+    return lines
 
 
 def _lines_of_file(path: str) -> dict:

@@ -196,6 +196,7 @@ class Program:
     turn_time: Optional[float] = None
     priority_step: float = 10.0
     idle_grace: float = 0.5
+    memory_margin: float = 0.1
     connect_burst: int = 4
     api_keys: tuple[str, ...] = ()
     admin_api_keys: tuple[str, ...] = ()
@@ -287,6 +288,8 @@ PROGRAM_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
     "idle_grace": KeyDoc(0.5, "seconds with nothing in flight after which a model within "
                               "its turn counts as idle and makes room at once (shorter gaps "
                               "are clients between two requests)"),
+    "memory_margin": KeyDoc(0.1, "a plan without memory_mb is placed by its learned peak "
+                                 "times 1 + memory_margin"),
     "connect_burst": KeyDoc(4, "most connections being opened to one backend at once; "
                                "further requests wait for one of them or for a kept-alive "
                                "connection"),
@@ -952,6 +955,7 @@ _PROGRAM_SPEC = (
     ("turn_time", _optional(_number(0.0))),
     ("priority_step", _number(0.0)),
     ("idle_grace", _number(0.0)),
+    ("memory_margin", _number(0.0)),
     ("connect_burst", _integer(1)),
     ("shutdown_timeout", _number(0.0)),
     ("api_keys", _string_list(_string, "strings", substitute=True)),

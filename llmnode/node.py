@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from llmnode.config import Config, Model, Program
+from llmnode.costs import CostBook
 from llmnode.devices.interfaces import Device
 from llmnode.errors import NodeError
 from llmnode.lifecycle import (DRAINING, FAILED, RUNNING, STARTING, STATES, STOPPED, STOPPING,
@@ -60,13 +61,17 @@ class NodeEffects(Protocol):
     def log_path(self, model: Model) -> str:
         """The model's log file."""
 
+    def measure(self, pgid: int, devices: Mapping[str, Device]) -> defer.Deferred:
+        """Fire with C{{device id: MB}} used by the process group C{pgid} (see
+        L{llmnode.costs.group_usage})."""
+
 
 def policy_of(program: Program, crash: CrashPolicy = CrashPolicy()) -> Policy:
     """The scheduler's knobs from the C{program} section."""
     return Policy(queue_timeout=program.queue_timeout, turn_factor=program.turn_factor,
                   turn_min=program.turn_min, turn_max=program.turn_max,
                   turn_time=program.turn_time, priority_step=program.priority_step,
-                  idle_grace=program.idle_grace,
+                  idle_grace=program.idle_grace, memory_margin=program.memory_margin,
                   crash=crash)
 
 
@@ -358,13 +363,17 @@ class Node:
     log = Logger()
 
     def __init__(self, config: Config, clock, effects: NodeEffects, *,
-                 crash_policy: CrashPolicy = CrashPolicy(), policy: Optional[Policy] = None):
+                 crash_policy: CrashPolicy = CrashPolicy(), policy: Optional[Policy] = None,
+                 costs: Optional[CostBook] = None):
         self.config = config
         self.clock = clock
         self.effects = effects
+        self.costs = costs if costs is not None else CostBook()
         self.scheduler = Scheduler(config.models, policy or policy_of(config.program,
                                                                       crash_policy),
-                                   clock.seconds())
+                                   clock.seconds(), self.costs)
+        self._measuring = False
+        self._warned: dict[tuple[str, str, str], float] = {}
         self._runtimes = {model.id: ModelRuntime(self, self.scheduler.slots[model.id])
                           for model in config.models}
         self._retired: dict[str, ModelRuntime] = {}
@@ -393,8 +402,63 @@ class Node:
     # -- events in -------------------------------------------------------------------------------
 
     def devices_changed(self, devices: Mapping[str, Device]) -> None:
-        """A new device snapshot (the service calls this after every refresh)."""
+        """A new device snapshot (the service calls this after every refresh): decisions that
+        waited for memory, and a new measurement of what each running model uses."""
         self._apply(self.scheduler.devices_changed(devices, self.clock.seconds()))
+        self._measure(devices)
+
+    # -- learned costs ---------------------------------------------------------------------------
+
+    def _measure(self, devices: Mapping[str, Device]) -> None:
+        """Measure every running backend's process group (one measurement at a time)."""
+        if self._measuring:
+            return
+        running = [(runtime, runtime.backend, runtime.placement) for runtime in self._all()
+                   if runtime.state in (RUNNING, DRAINING) and runtime.backend is not None
+                   and runtime.backend.pid and runtime.placement is not None]
+        if not running:
+            return
+        self._measuring = True
+        measured = defer.gatherResults(
+            [self.effects.measure(backend.pid, devices) for _, backend, _ in running],
+            consumeErrors=True)
+
+        def record(usages):
+            for (runtime, _, placement), usage in zip(running, usages):
+                self._record_usage(runtime, placement, usage)
+            self._save_costs()
+
+        measured.addCallback(record)
+        measured.addErrback(lambda f: self.log.failure("measuring the models' memory", f))
+        measured.addBoth(lambda _: setattr(self, "_measuring", False))
+
+    def _record_usage(self, runtime: "ModelRuntime", placement: Placement,
+                      usage: Mapping[str, float]) -> None:
+        model = runtime.model
+        declared_plan = next((p for p in model.plans if p.name == placement.plan.name), None)
+        for requirement, device_id in placement.devices.items():
+            if device_id not in usage:
+                continue
+            peak = self.costs.record_usage(model.id, placement.plan, requirement,
+                                           usage[device_id])
+            if peak is None or declared_plan is None:
+                continue
+            declared = declared_plan.memory_mb.get(requirement)
+            key = (model.id, placement.plan.name, requirement)
+            if declared is not None and peak > declared and peak > self._warned.get(key, 0.0):
+                self._warned[key] = peak * 1.1
+                self.log.warn(
+                    "{model} (plan {plan}) uses {peak:.0f} MB on {device}, more than its "
+                    "memory_mb {declared:.0f}: it is placed by {peak:.0f} MB from now on",
+                    model=model.id, plan=placement.plan.name, peak=peak, device=device_id,
+                    declared=declared)
+
+    def _save_costs(self) -> None:
+        try:
+            self.costs.save()
+        except OSError as e:
+            self.log.warn("cannot save the learned costs to {path}: {error}",
+                          path=self.costs.path, error=e.strerror or e)
 
     def _enqueue(self, runtime: ModelRuntime, start: bool) -> Ticket:
         decisions = self.scheduler.arrive(runtime.model.id, self.clock.seconds(), start=start)
@@ -516,6 +580,7 @@ class Node:
         """The node is stopping: reject every waiter and stop every backend now (requests
         still in flight are cut); fire when all are gone."""
         self._apply(self.scheduler.shutdown(self.clock.seconds()))
+        self._save_costs()
         waits = [runtime.lifecycle.when(STOPPED, FAILED) for runtime in self._all()]
         return defer.DeferredList(waits, consumeErrors=True)
 

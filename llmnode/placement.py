@@ -6,12 +6,16 @@ figures are in MB.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 from llmnode.config import Model, Plan
 from llmnode.devices.interfaces import Device
+
+#: Seconds of reload time that weigh as much as the memory a model holds (L{eviction_score}).
+RELOAD_WEIGHT_S = 10.0
 
 #: At most this many device assignments are considered per plan.
 ASSIGNMENT_LIMIT = 5000
@@ -26,8 +30,14 @@ def matches(requirement: str, device: Device) -> bool:
     return bool(wanted) and (wanted == device.id.lower() or wanted in device.name.lower())
 
 
+#: A need nobody knows yet (no C{memory_mb} and nothing learned): the model starts alone on
+#: the device and reserves all the memory it has free then.
+UNKNOWN = math.inf
+
+
 def need_mb(plan: Plan, requirement: str) -> float:
-    """The memory C{plan} needs on the device matching C{requirement}; 0 when not given."""
+    """The memory C{plan} needs on the device matching C{requirement}; 0 when not given
+    (L{UNKNOWN} when the scheduler filled in that nothing is known)."""
     if requirement in plan.memory_mb:
         return float(plan.memory_mb[requirement])
     for key, mb in plan.memory_mb.items():
@@ -102,6 +112,7 @@ class Resident:
     @ivar idle_since: clock seconds since which it has had no request; None while starting
         (never evicted then).
     @ivar reserved: device id -> MB it holds in the ledger.
+    @ivar reload_s: how long it takes to load back (measured; 0 when unknown).
     @ivar rank: how soon it can be freed, lower first: 0 already stopping or draining, 1 idle,
         2 busy with its turn over, 3 busy within its turn. Ranks above 1 are only given by the
         scheduler, which drains such a model before it stops it.
@@ -112,6 +123,7 @@ class Resident:
     idle_since: Optional[float]
     reserved: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     rank: int = 1
+    reload_s: float = 0.0
 
 
 def _assignments(plan: Plan, devices: Mapping[str, Device],
@@ -142,13 +154,25 @@ def _assignments(plan: Plan, devices: Mapping[str, Device],
     return walk(0)
 
 
-def _placement(model: Model, plan: Plan, assignment: Sequence[Device]) -> Placement:
+def _placement(model: Model, plan: Plan, assignment: Sequence[Device],
+               unknown: Callable[[Device], float]) -> Placement:
+    """The placement of C{plan} on C{assignment}; an L{UNKNOWN} need reserves
+    C{unknown(device)}."""
     devices: dict[str, str] = {}
     memory: dict[str, float] = {}
     for requirement, device in zip(plan.required_devices, assignment):
         devices.setdefault(requirement, device.id)
-        memory[device.id] = need_mb(plan, requirement)
+        need = need_mb(plan, requirement)
+        memory[device.id] = unknown(device) if need == UNKNOWN else need
     return Placement(model.id, plan, MappingProxyType(devices), MappingProxyType(memory))
+
+
+def _fits(need: float, device: Device, ledger: Ledger) -> bool:
+    """Whether C{need} fits on C{device} now; an L{UNKNOWN} need fits only a device nobody
+    else holds memory on, with some memory free."""
+    if need == UNKNOWN:
+        return ledger.reserved_mb(device.id) == 0 and free_mb(device, ledger) > 0
+    return free_mb(device, ledger) >= need
 
 
 def choose(model: Model, devices: Mapping[str, Device], ledger: Ledger) -> Optional[Placement]:
@@ -162,17 +186,20 @@ def choose(model: Model, devices: Mapping[str, Device], ledger: Ledger) -> Optio
         needs = [need_mb(plan, r) for r in plan.required_devices]
         for assignment in _assignments(
                 plan, devices,
-                usable=lambda i, d: free_mb(d, ledger) >= needs[i],
-                order=lambda i, d: free_mb(d, ledger) - needs[i]):
-            return _placement(model, plan, assignment)
+                usable=lambda i, d: _fits(needs[i], d, ledger),
+                order=lambda i, d: (-free_mb(d, ledger) if needs[i] == UNKNOWN
+                                    else free_mb(d, ledger) - needs[i])):
+            return _placement(model, plan, assignment, lambda d: free_mb(d, ledger))
     return None
 
 
 def eviction_score(resident: Resident, device_ids, now: float) -> float:
-    """Idle seconds per GB held on C{device_ids} (at least 0.5 GB): higher goes first."""
+    """Higher goes first: idle seconds / (GB held on C{device_ids}, at least 0.5, times
+    1 + reload seconds / 10). Long-idle, small models that load back quickly go first: every
+    10 s a model takes to load back counts as much as the memory it holds."""
     held_gb = sum(resident.reserved.get(d, 0.0) for d in device_ids) / 1024.0
     idle = max(0.0, now - resident.idle_since) if resident.idle_since is not None else 0.0
-    return idle / max(0.5, held_gb)
+    return idle / (max(0.5, held_gb) * (1.0 + resident.reload_s / RELOAD_WEIGHT_S))
 
 
 def _victims(shortfalls: Mapping[str, float], candidates: Sequence[Resident],
@@ -183,7 +210,8 @@ def _victims(shortfalls: Mapping[str, float], candidates: Sequence[Resident],
     nobody is stopped needlessly. None when even all candidates together fall short.
     """
     pool = [c for c in candidates if any(c.reserved.get(d, 0.0) > 0 for d in shortfalls)]
-    pool.sort(key=lambda c: (c.rank, -eviction_score(c, shortfalls, now), c.model_id))
+    pool.sort(key=lambda c: (c.rank, -eviction_score(c, shortfalls, now), c.reload_s,
+                             c.model_id))
 
     def covers(group) -> bool:
         return all(sum(c.reserved.get(d, 0.0) for c in group) >= short
@@ -222,15 +250,22 @@ def plan_eviction(model: Model, devices: Mapping[str, Device], ledger: Ledger,
         best: Optional[tuple[Placement, list[str]]] = None
         for assignment in _assignments(
                 plan, devices,
-                usable=lambda i, d: d.total_mb >= needs[i],
+                usable=lambda i, d: d.total_mb >= needs[i] or (
+                    needs[i] == UNKNOWN and d.total_mb > 0),
                 order=lambda i, d: -free_mb(d, ledger)):
-            shortfalls = {d.id: needs[i] - free_mb(d, ledger)
-                          for i, d in enumerate(assignment) if needs[i] > free_mb(d, ledger)}
+            shortfalls = {}
+            for i, d in enumerate(assignment):
+                if needs[i] == UNKNOWN:  # alone on it: everything reserved there must go
+                    if ledger.reserved_mb(d.id) > 0:
+                        shortfalls[d.id] = ledger.reserved_mb(d.id)
+                elif needs[i] > free_mb(d, ledger):
+                    shortfalls[d.id] = needs[i] - free_mb(d, ledger)
             victims = _victims(shortfalls, candidates, now) if shortfalls else []
             if victims is None:
                 continue
             if best is None or len(victims) < len(best[1]):
-                best = (_placement(model, plan, assignment), [v.model_id for v in victims])
+                best = (_placement(model, plan, assignment, lambda d: d.total_mb),
+                        [v.model_id for v in victims])
                 if not victims:
                     break
         if best is not None:
@@ -255,7 +290,15 @@ def explain(model: Model, devices: Mapping[str, Device], ledger: Ledger) -> str:
             device = max(found, key=lambda d: free_mb(d, ledger))
             taken.add(device.id)
             free = free_mb(device, ledger)
-            if need > free:
+            if need == UNKNOWN:
+                holders = ledger.holders(device.id)
+                if holders:
+                    problems.append(f"needs {device.id} ({device.name}) to itself (nothing "
+                                    f"learned yet), held by {', '.join(sorted(holders))}")
+                elif free <= 0:
+                    problems.append(f"needs {device.id} ({device.name}) to itself (nothing "
+                                    f"learned yet), 0 MB free")
+            elif need > free:
                 holders = ledger.holders(device.id)
                 held = (f" ({ledger.reserved_mb(device.id):.0f} reserved by "
                         f"{', '.join(sorted(holders))})" if holders else "")
@@ -269,7 +312,9 @@ def possible(model: Model, devices: Mapping[str, Device]) -> bool:
     """Whether some plan could fit on these devices were they empty."""
     for plan in model.plans:
         needs = [need_mb(plan, r) for r in plan.required_devices]
-        for _ in _assignments(plan, devices, usable=lambda i, d: d.total_mb >= needs[i],
+        for _ in _assignments(plan, devices,
+                              usable=lambda i, d: d.total_mb >= needs[i] or (
+                                  needs[i] == UNKNOWN and d.total_mb > 0),
                               order=lambda i, d: 0.0):
             return True
     return False

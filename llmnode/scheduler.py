@@ -37,6 +37,7 @@ from itertools import count
 from typing import Mapping, Optional, Sequence, Union
 
 from llmnode.config import Model
+from llmnode.costs import CostBook
 from llmnode.devices.interfaces import Device
 from llmnode.errors import NodeError, Overloaded, Unavailable
 from llmnode.lifecycle import (DRAINING, FAILED, LIVE, RUNNING, STARTING, STOPPED, STOPPING,
@@ -98,6 +99,7 @@ class Policy:
     turn_time: Optional[float] = None
     priority_step: float = 10.0
     idle_grace: float = 0.5
+    memory_margin: float = 0.1
     recheck_interval: float = 5.0
     reclaim_interval: float = 0.1
     reclaim_timeout: float = 30.0
@@ -229,8 +231,10 @@ class Scheduler:
     @param policy: the knobs.
     """
 
-    def __init__(self, models: Sequence[Model], policy: Policy = Policy(), now: float = 0.0):
+    def __init__(self, models: Sequence[Model], policy: Policy = Policy(), now: float = 0.0,
+                 costs: Optional[CostBook] = None):
         self.policy = policy
+        self.costs = costs if costs is not None else CostBook()
         self.ledger = Ledger()
         self.devices: Mapping[str, Device] = {}
         self.devices_known = False
@@ -351,6 +355,8 @@ class Scheduler:
         slot.ready_at = slot.last_used = now
         if load_s is not None:
             slot.load_s = load_s
+            if slot.placement is not None:
+                self.costs.record_load(model_id, slot.placement.plan, load_s)
         slot.last_error = None
         return self._reconcile(now)
 
@@ -549,7 +555,10 @@ class Scheduler:
             else self.policy.turn_time
         if fixed is not None:
             return fixed
-        load = waiting.load_s if waiting is not None else None
+        load = None
+        if waiting is not None:
+            load = waiting.load_s if waiting.load_s is not None else self.costs.load_s(
+                waiting.model)
         if load is None:
             known = [s.load_s for s in self.slots.values() if s.load_s is not None]
             load = sum(known) / len(known) if known else 0.0
@@ -580,6 +589,7 @@ class Scheduler:
             "load_s": slot.load_s,
             "stop_s": slot.stop_s,
             "priority": slot.model.priority,
+            "costs": self.costs.info(slot.model),
         }
 
     def wait_reason(self, model_id: str, now: float) -> str:
@@ -690,7 +700,7 @@ class Scheduler:
             scratch.reserve(model_id, self.ledger.of(model_id))
         short = reclaiming = False
         for slot in self._order(now):
-            model = slot.model
+            model = self.costs.effective(slot.model, self.policy.memory_margin)
             slot.waiting_for = ""
             if slot.state in (STARTING, DRAINING, STOPPING):
                 continue
@@ -781,9 +791,11 @@ class Scheduler:
                 rank = 1 if slot.in_flight == 0 else 2
             else:
                 rank = 3
+            reload_s = slot.load_s if slot.load_s is not None else self.costs.load_s(slot.model)
             residents.append(Resident(model_id=slot.model.id, in_flight=slot.in_flight,
                                       idle_since=slot.last_used if slot.last_used is not None
-                                      else now, reserved=reserved, rank=rank))
+                                      else now, reserved=reserved, rank=rank,
+                                      reload_s=reload_s or 0.0))
         return residents
 
     def _can_go(self, slot: Slot, waiting: Slot, now: float) -> Optional[float]:

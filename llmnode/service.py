@@ -13,13 +13,16 @@ from typing import Optional
 from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
 
 from llmnode.config import Config, Model
+from llmnode.costs import CostBook, costs_path, group_usage
 from llmnode.errors import NodeError
 from llmnode.devices.loader import default_plugins
 from llmnode.devices.monitor import DeviceMonitor
 from llmnode.launcher import Backend, ModelLog, reclaim
+from llmnode.launcher.supervisor import group_members
 from llmnode.logs import LogBuffer
 from llmnode.node import Node, backend_environment
 from llmnode.placement import Placement
@@ -69,7 +72,8 @@ class NodeService(MultiService):
         self._plugins = plugins
         self.monitor: Optional[DeviceMonitor] = None
         self._logs: dict[str, ModelLog] = {}
-        self.node = Node(config, reactor, self)
+        self.costs = CostBook(costs_path(self.runtime_dir))
+        self.node = Node(config, reactor, self, costs=self.costs)
         self.sweeper = Sweeper(reactor, self.node.runtimes, program.alive_time, self.log)
         self.node_log = LogBuffer()
         self._log_publisher = globalLogPublisher if log_publisher is None else log_publisher
@@ -98,6 +102,11 @@ class NodeService(MultiService):
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise RuntimeError(f"program.{key}: {folder} is not writable by this user")
         self._log_publisher.addObserver(self._node_log_observer)
+        try:
+            self.costs.load()
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.log.warn("ignoring the learned costs in {path}: {error}",
+                          path=self.costs.path, error=e)
         for pid in reclaim(self.runtime_dir, self.log):
             self.log.warn("stopped backend group {pid} left behind by a previous node", pid=pid)
         plugins = self._plugins
@@ -180,6 +189,10 @@ class NodeService(MultiService):
                           timeout=timeout)
 
     # -- NodeEffects -------------------------------------------------------------------------
+
+    def measure(self, pgid: int, devices) -> defer.Deferred:
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), group_usage,
+                                 pgid, devices, group_members)
 
     def refresh_devices(self) -> defer.Deferred:
         if self.monitor is None:

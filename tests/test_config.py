@@ -549,6 +549,24 @@ class CheckCommandTests(SynchronousTestCase):
         path = self.write(EXAMPLE)
         self.assertEqual(self.run_main(["check", path]), (0, f"{path}: OK (1 model)\n", ""))
 
+    def test_learned_costs_are_shown_beside_the_declared_figures(self):
+        from llmnode.config import load_config
+        from llmnode.costs import CostBook, costs_path
+        path = self.write(EXAMPLE)
+        config = load_config(path)
+        book = CostBook(costs_path(config.program.runtime_dir))
+        model = config.models[0]
+        book.record_usage(model.id, model.plans[0], "cpu", 412.4)
+        book.record_load(model.id, model.plans[0], 2.04)
+        book.save()
+        self.addCleanup(os.remove, book.path)
+        code, out, _ = self.run_main(["check", path])
+        self.assertEqual(code, 0)
+        self.assertEqual(out.splitlines()[1:], [
+            f"learned costs ({book.path}):",
+            f"  {model.id} / {model.plans[0].name}: cpu: declared "
+            f"{model.plans[0].memory_mb['cpu']:.0f} MB, learned 412 MB; load 2.0 s"])
+
     def test_valid_with_warnings(self):
         path = self.write(EXAMPLE.replace("alive_time", "alive_tme"))
         code, out, err = self.run_main(["check", path])

@@ -62,13 +62,14 @@ class Harness:
     """A node over fake backends and one cpu device of C{total_mb}; it is its own
     L{llmnode.node.NodeEffects}."""
 
-    def __init__(self, models=None, total_mb=1000, program=Program()):
+    def __init__(self, models=None, total_mb=1000, program=Program(), costs=None):
         self.clock = Clock()
         self.backends = []
+        self.usage: dict = {}
         self.cpu = Device(id="cpu", kind="cpu", name="cpu", total_mb=total_mb,
                           free_mb=total_mb)
         config = Config(program=program, models=tuple(models or [make_model()]))
-        self.node = Node(config, self.clock, self,
+        self.node = Node(config, self.clock, self, costs=costs,
                          crash_policy=CrashPolicy(limit=3, window=60, hold=30))
         self.node.devices_changed({"cpu": self.cpu})
 
@@ -79,6 +80,10 @@ class Harness:
 
     def refresh_devices(self):
         return defer.succeed({"cpu": self.cpu})
+
+    def measure(self, pgid, devices):
+        """What the test says the backend of pid C{pgid} uses (C{self.usage})."""
+        return defer.succeed(self.usage.get(pgid, {}))
 
     def log_path(self, model):
         return f"/logs/{model.id}.log"

@@ -60,7 +60,16 @@ class PlacementEndToEndTests(TestCase):
                 done.append(await self.stream("a"))
 
         clients = [defer.ensureDeferred(a_client()) for _ in range(2)]
-        await sleep(0.8)
+
+        async def end_clients():
+            b_answered.append(0.0)
+            await defer.DeferredList(clients)
+
+        self.addCleanup(end_clients)
+        for _ in range(200):
+            if (await self.info("a"))["state"] == "running":
+                break
+            await sleep(0.05)
         self.assertEqual((await self.info("a"))["state"], "running")
         b_status, b_complete, b_at = await self.stream("b", chunks=2)
         b_answered.append(b_at)

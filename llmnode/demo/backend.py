@@ -89,6 +89,7 @@ class BackendOptions:
     slow_headers: float = 0.0
     alarm: int = 3600
     embedding_dim: int = 16
+    rss_mb: int = 0
 
 
 def _non_negative_float(text: str) -> float:
@@ -136,6 +137,9 @@ def parse_args(argv: list[str]) -> BackendOptions:
     parser.add_argument("--slow-headers", type=_non_negative_float, default=0.0)
     parser.add_argument("--alarm", type=_non_negative_float, default=3600.0)
     parser.add_argument("--embedding-dim", type=_positive_int, default=16)
+    parser.add_argument("--rss-mb", type=_non_negative_int, default=0,
+                        help="hold this much real memory (touched) while running, like a "
+                             "loaded model")
     args = parser.parse_args(argv)
     return BackendOptions(
         port=args.port,
@@ -156,6 +160,7 @@ def parse_args(argv: list[str]) -> BackendOptions:
         slow_headers=args.slow_headers,
         alarm=math.ceil(args.alarm),
         embedding_dim=args.embedding_dim,
+        rss_mb=args.rss_mb,
     )
 
 
@@ -1106,6 +1111,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"child pid {child}", flush=True)
     if options.start_delay:
         time.sleep(options.start_delay)
+    # Like a model's weights: memory held, and resident (every page written), until it exits.
+    held = bytearray(b"\1" * (options.rss_mb * 1024 * 1024)) if options.rss_mb else b""
 
     from twisted.internet import reactor
     from twisted.logger import (
@@ -1133,6 +1140,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     line = f"{newline}listening on {address} pid {os.getpid()}"
     reactor.callWhenRunning(print, line, flush=True)
     reactor.run(installSignalHandlers=not options.ignore_sigterm)
+    del held
 
 
 if __name__ == "__main__":

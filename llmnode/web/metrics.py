@@ -65,6 +65,13 @@ class NodeCollector:
                                     "another model waited), evict (idle, stopped to make room), "
                                     "admin, reload, crash, shutdown",
                                     labels=["model", "reason"])
+        peaks = GaugeMetricFamily("llmnode_model_memory_peak_mb",
+                                  "Most memory measured in use, per plan and device "
+                                  "requirement (learned; kept across restarts)",
+                                  labels=["model", "plan", "requirement"])
+        loads = GaugeMetricFamily("llmnode_model_load_seconds",
+                                  "Last measured load time (spawn to healthy), per plan",
+                                  labels=["model", "plan"])
         waits = HistogramMetricFamily("llmnode_queue_wait_seconds",
                                       "Seconds a proxied request waited before it was sent "
                                       "(0 for those sent at once)", labels=["model"])
@@ -91,12 +98,19 @@ class NodeCollector:
                        for bound in WAIT_BUCKETS]
             buckets.append(("+Inf", at_once + len(queued)))
             waits.add_metric([model], buckets, sum_value=sum(queued))
+            for plan, figures in runtime.node.costs.info(runtime.model).items():
+                for requirement, mb in sorted(figures["learned_peak_mb"].items()):
+                    peaks.add_metric([model, plan, requirement], mb)
+                if figures["learned_load_s"] is not None:
+                    loads.add_metric([model, plan], figures["learned_load_s"])
         yield state
         yield requests
         yield from (metric for metric, _ in per_model)
         yield durations
         yield stops
         yield waits
+        yield peaks
+        yield loads
 
         total = GaugeMetricFamily("llmnode_device_memory_total_mb", "Device memory, total",
                                   labels=["device", "name"])
