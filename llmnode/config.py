@@ -204,6 +204,7 @@ class Program:
     log_format: str = "text"
     metrics_auth: bool = True
     cors_origins: tuple[str, ...] = ()
+    body_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,8 @@ PROGRAM_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
     "admin_api_keys": KeyDoc([], "keys required as 'Authorization: Bearer KEY' on /api and "
                                  "/metrics (not on /v1); empty = api_keys apply there; "
                                  "${env:NAME} allowed"),
+    "body_timeout": KeyDoc(300, "seconds a client may take to send a request body, from "
+                                "the end of its headers (408 after that)"),
     "open_health": KeyDoc(True, "serve the health endpoint without a key"),
     "metrics_auth": KeyDoc(True, "require a key for the metrics endpoint"),
     "cors_origins": KeyDoc([], "browser origins allowed to call the node (CORS), e.g. "
@@ -954,6 +957,7 @@ _PROGRAM_SPEC = (
     ("idle_grace", _number(0.0)),
     ("connect_burst", _integer(1)),
     ("shutdown_timeout", _number(0.0)),
+    ("body_timeout", _number(0.0, exclusive=True)),
     ("api_keys", _string_list(_string, "strings", substitute=True)),
     ("admin_api_keys", _string_list(_string, "strings", substitute=True)),
     ("open_health", _boolean),

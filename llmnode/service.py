@@ -77,7 +77,8 @@ class NodeService(MultiService):
         self.site = NodeSite(build_root(self.node, self.http, reactor, program,
                                         devices=self.devices_report, node_log=self.node_log,
                                         model_log=self._model_log, ready=lambda: self.ready),
-                             max_body_bytes=max_body_bytes(program.max_body_mb), clock=reactor)
+                             max_body_bytes=max_body_bytes(program.max_body_mb),
+                             body_timeout=program.body_timeout, clock=reactor)
         self._listening = None
 
     # -- lifecycle -----------------------------------------------------------------------

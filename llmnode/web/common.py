@@ -218,26 +218,27 @@ def read_body(request, limit: int) -> bytes:
     an excess.
     """
     if getattr(request, "body_too_large", False):
-        raise _too_large(limit)
+        raise body_too_large(limit)
     raw = getattr(request, "raw_body", None)
     if raw is not None:
         if len(raw) > limit:
-            raise _too_large(limit)
+            raise body_too_large(limit)
         return raw
     declared = request.getHeader(b"Content-Length")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+        raise body_too_large(limit)
     content = getattr(request, "content", None)
     if content is None:
         return b""
     content.seek(0, io.SEEK_END)
     if content.tell() > limit:
-        raise _too_large(limit)
+        raise body_too_large(limit)
     content.seek(0)
     return content.read()
 
 
-def _too_large(limit: int) -> BodyTooLarge:
+def body_too_large(limit: int) -> BodyTooLarge:
+    """The 413 for a body over C{limit} bytes."""
     return BodyTooLarge(
         f"request body is larger than the limit of {limit} bytes ({limit / 1048576:g} MiB)")
 
@@ -391,6 +392,9 @@ MAX_HEAD_BYTES = 16384
 #: send a request line and its headers.
 IDLE_TIMEOUT = 60.0
 
+#: The most seconds a client may take to send a request body (C{program.body_timeout}).
+BODY_TIMEOUT = 300.0
+
 
 class HeadTooLarge(NodeError):
     status = 431
@@ -404,7 +408,7 @@ class RequestLineTooLong(NodeError):
     code = "request_line_too_long"
 
 
-class HeadTimeout(NodeError):
+class RequestTimeout(NodeError):
     status = 408
     type = "invalid_request_error"
     code = "request_timeout"

@@ -41,6 +41,20 @@ class Root(Resource):
                 return denied
         return super().getChildWithDefault(path, request)
 
+    def refuse_early(self, request) -> Optional[tuple]:
+        """C{(error, header lines)} when C{request} lacks the key its path needs, judged from
+        its head alone: the server answers it before reading its body (see
+        L{llmnode.web.server}); None lets the request on."""
+        if self.guard is None or not self.guard.closed or not request.postpath:
+            return None
+        segment = request.postpath[0]
+        request.postpath = request.postpath[1:]
+        denied = self.guard.check(segment, request)
+        if denied is None:
+            return None
+        error, challenge = denied.refusal()
+        return error, b"WWW-Authenticate: " + challenge + b"\r\n"
+
     def getChild(self, path, request):
         return ErrorResource()
 
