@@ -289,6 +289,14 @@ class ErrorTests(ProxyCase):
         await self.check(port, {"model": "alias", "input": "x"}, 400, path="/v1/embeddings")
         self.assertEqual((self.runtime.spawns, self.embedder.spawns), (0, 0))
 
+    async def test_a_body_nested_20000_deep_is_a_400(self):
+        port = serve_proxy(self, [self.runtime])
+        deep = b"[" * 20000 + b"]" * 20000
+        for body in (b'{"model": "chat-model", "x": ' + deep + b"}", deep):
+            payload = await self.check(port, body, 400)
+            self.assertIn("nested too deeply", payload["error"]["message"])
+        self.assertEqual(self.runtime.spawns, 0)
+
     async def test_wrong_method_and_unknown_path(self):
         port = serve_proxy(self, [self.runtime])
         response = await self.client.get(f"http://127.0.0.1:{port}{CHAT}")

@@ -26,13 +26,14 @@ log = Logger()
 
 
 class _JSONResource(Resource):
-    """A leaf answering the methods it has C{json_<METHOD>} for; others get a JSON 405."""
+    """A leaf answering the methods it has C{json_<METHOD>} for (HEAD like GET, without the
+    body); others get a JSON 405."""
 
     isLeaf = True
 
     def render(self, request):
         method = request.method.decode("ascii", "replace")
-        handler = getattr(self, "json_" + method, None)
+        handler = getattr(self, "json_" + ("GET" if method == "HEAD" else method), None)
         if handler is None:
             return method_not_allowed(
                 request, tuple(sorted(name[5:] for name in dir(self) if name.startswith("json_"))))

@@ -266,6 +266,9 @@ def parse_json_object(body: bytes) -> dict:
         value = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"request body is not valid JSON: {str(e)[:200]}") from None
+    except RecursionError:
+        # Python's parser recurses once per level of nesting.
+        raise BadRequest("request body is nested too deeply to parse") from None
     if not isinstance(value, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(value).__name__}")
     return value
