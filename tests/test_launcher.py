@@ -237,6 +237,32 @@ class BackendTests(unittest.TestCase):
         await self.assertFailure(starting, defer.CancelledError)
         await wait_until(lambda: not group_alive(backend.pid), 8, "the group to be stopped")
 
+    async def test_a_health_probe_slower_than_a_second_is_waited_for(self):
+        script = os.path.join(self.dir, "slow_health.py")
+        with open(script, "w") as f:
+            f.write(SLOW_HEALTH)
+        backend = self.backend(f"{PYTHON} {script} {self.port} 1.5", start_timeout=20)
+        await backend.start()
+        self.assertIsNotNone(backend.ready_at)
+        self.assertGreaterEqual(backend.ready_at - backend.started_at, 1.5)
+
+    async def test_a_health_probe_that_never_answers_fails_at_the_start_timeout_saying_so(self):
+        script = os.path.join(self.dir, "slow_health.py")
+        with open(script, "w") as f:
+            f.write(SLOW_HEALTH)
+        backend = self.backend(f"{PYTHON} {script} {self.port} 30", start_timeout=1.5)
+        e = await self.assertFailure(defer.Deferred.fromCoroutine(backend.start()), StartError)
+        self.assertEqual(e.reason, "timeout")
+        self.assertIn("within 1.5 s", e.message)
+
+    async def test_a_failed_start_shows_only_its_own_output(self):
+        for run in ("first", "second"):
+            backend = self.backend(demo(self.port, "--exit-at-once", f"{run}-run-output"))
+            e = await self.assertFailure(defer.Deferred.fromCoroutine(backend.start()),
+                                         StartError)
+            self.assertIn(f"{run}-run-output", e.message)
+        self.assertNotIn("first-run-output", e.message)
+
     async def test_health_404_falls_back_to_models(self):
         backend = self.backend(demo(self.port, "--no-health"))
         await backend.start()
@@ -283,6 +309,28 @@ class BackendTests(unittest.TestCase):
         text = open(self.log.path, encoding="utf-8").read()
         self.assertIn("…[truncated", text)
         self.assertLess(max(len(line.encode()) for line in text.splitlines()), 8192 + 200)
+
+
+SLOW_HEALTH = r"""
+import http.server, signal, sys, time
+signal.alarm(60)
+port, delay = int(sys.argv[1]), float(sys.argv[2])
+
+
+class Slow(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(delay)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+http.server.ThreadingHTTPServer(("127.0.0.1", port), Slow).serve_forever()
+"""
 
 
 NODE_SCRIPT = r"""

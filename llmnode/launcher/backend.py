@@ -34,7 +34,7 @@ _PID_FD = 3
 class StartError(Exception):
     """A backend did not become ready.
 
-    @ivar reason: C{"exited"}, C{"timeout"}, C{"port_busy"} or C{"spawn"}.
+    @ivar reason: C{"exited"}, C{"timeout"}, C{"port_busy"}, C{"spawn"} or C{"probe"}.
     """
 
     def __init__(self, message: str, reason: str):
@@ -133,6 +133,7 @@ class Backend:
         self._stop_d: Optional[defer.Deferred] = None
         self._stop_requested = False
         self._probing = False
+        self._log_mark = 0
 
     @property
     def running(self) -> bool:
@@ -167,6 +168,13 @@ class Backend:
         except defer.CancelledError:
             self.stop()
             raise
+        except Exception as e:
+            # Not expected (a probe's failure counts as "not ready yet"), but a start failure
+            # always says why.
+            self.model_log.note(f"readiness probing failed: {e!r}")
+            await self.stop()
+            raise StartError(f"model {self.model_id!r}: probing its readiness failed: "
+                             f"{type(e).__name__}: {e}", "probe") from e
         if index == 0:
             self.ready_at = self._reactor.seconds()
             self.model_log.note(f"ready on port {self.port} "
@@ -195,6 +203,7 @@ class Backend:
         args = supervisor.argv(sys.executable, package_root, os.getpid(), self.stop_timeout,
                                self.command, pid_fd=_PID_FD)
         self.model_log.note(f"starting: {self.command}")
+        self._log_mark = self.model_log.lines_written
         try:
             self._transport = self._reactor.spawnProcess(
                 _Output(self), sys.executable, args, env=self.env, path=self.cwd,
@@ -218,10 +227,12 @@ class Backend:
         return result
 
     async def _wait_healthy(self) -> None:
+        """Probe until the health path answers 200. A probe has no limit of its own: a backend
+        that takes its time to answer is still starting, and the start timeout (or the
+        process's exit) ends the wait, cancelling the probe in flight."""
         path = self.health_path or "/health"
         while self._probing:
-            remaining = self.start_timeout - (self._reactor.seconds() - self.started_at)
-            code = await self._probe(path, max(0.05, min(1.0, remaining)))
+            code = await self._probe(path)
             if not self._probing:
                 break
             if code == 200:
@@ -233,10 +244,10 @@ class Backend:
             await deferLater(self._reactor, self.health_interval, lambda: None)
         raise defer.CancelledError()
 
-    async def _probe(self, path: str, timeout: float) -> Optional[int]:
+    async def _probe(self, path: str) -> Optional[int]:
         """The status code of one GET, or None when there was no answer."""
         try:
-            response = await self._http.get(self._url(path), timeout=timeout)
+            response = await self._http.get(self._url(path))
         except defer.CancelledError:
             raise
         except Exception:
@@ -254,7 +265,7 @@ class Backend:
         return f"http://{host}:{self.port}{path}"
 
     def _last_lines(self) -> str:
-        lines = [line for line in self.model_log.tail(_TAIL_LINES + 5)
+        lines = [line for line in self.model_log.tail(_TAIL_LINES + 5, since=self._log_mark)
                  if not line.startswith("[llmnode] ")][-_TAIL_LINES:]
         if not lines:
             return " (it wrote nothing)"
