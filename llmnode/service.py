@@ -24,7 +24,7 @@ from llmnode.logs import LogBuffer
 from llmnode.node import Node, backend_environment
 from llmnode.placement import Placement
 from llmnode.sweeper import Sweeper
-from llmnode.web.api import reload_config
+from llmnode.web.api import log_warnings, reload_config
 from llmnode.web.client import BackendAgent, make_client
 from llmnode.web.auth import warn_if_open
 from llmnode.web.common import max_body_bytes
@@ -110,6 +110,7 @@ class NodeService(MultiService):
         self._listen()
         self.sweeper.start()
         warn_if_open(self.host, self.config.program, self.log)
+        log_warnings(self.config, self.log)
         self.log.info("llmnode serving {n} models on http://{host}:{port}",
                       n=len(self.config.models), host=self.host, port=self.listening_port)
         for runtime in self.node.runtimes():
