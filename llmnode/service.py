@@ -19,7 +19,7 @@ from llmnode.config import Config, Model
 from llmnode.errors import NodeError
 from llmnode.devices.loader import default_plugins
 from llmnode.devices.monitor import DeviceMonitor
-from llmnode.launcher import Backend, ModelLog, reclaim
+from llmnode.launcher import Backend, ModelLog, ports, reclaim
 from llmnode.logs import LogBuffer
 from llmnode.node import Node, backend_environment
 from llmnode.placement import Placement
@@ -169,7 +169,18 @@ class NodeService(MultiService):
         await self._pool.closeCachedConnections()
         for log in self._logs.values():
             log.close()
-        self.log.info("llmnode stopped; no backend left running")
+        self._report_left_running()
+
+    def _report_left_running(self) -> None:
+        """Say that no backend is left, unless a model's port is still listened on."""
+        left = [(model, owners) for model in self.config.models
+                for owners in [ports.listeners(model.port)] if owners]
+        for model, owners in left:
+            self.log.error("llmnode stopped, but port {port} of {model} is still listened on "
+                           "by {owners}", port=model.port, model=model.id,
+                           owners="; ".join(f"pid {pid} ({command})" for pid, command in owners))
+        if not left:
+            self.log.info("llmnode stopped; no backend left running")
 
     async def _drain(self, timeout: float) -> None:
         """Wait until no request is in flight, at most C{timeout} seconds."""

@@ -14,12 +14,12 @@ import psutil
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 import llmnode
-from llmnode.launcher import Backend, ModelLog, StartError, reclaim
+from llmnode.launcher import Backend, ModelLog, StartError, ports, reclaim
 from llmnode.launcher.runtime import record_path
 from llmnode.launcher.supervisor import exec_last
 
@@ -78,6 +78,13 @@ def kill_group(pgid) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def demo(port: int, *flags: str) -> str:
@@ -263,6 +270,19 @@ class BackendTests(unittest.TestCase):
             self.assertIn(f"{run}-run-output", e.message)
         self.assertNotIn("first-run-output", e.message)
 
+    async def test_a_backend_that_calls_setsid_is_stopped_too(self):
+        backend = self.backend("exec setsid " + demo(self.port), stop_timeout=30)
+        await backend.start()
+        [(server, _)] = ports.listeners(self.port)
+        self.addCleanup(kill_pid, server)
+        self.assertNotEqual(os.getpgid(server), backend.pid, "it left the process group")
+        await backend.stop()
+        self.assertFalse(psutil.pid_exists(server) and
+                         psutil.Process(server).status() != psutil.STATUS_ZOMBIE)
+        self.assertIsNone(ports.describe_busy("127.0.0.1", self.port))
+        self.assertNotIn("SIGKILL", "\n".join(self.log.tail(10)),
+                         "SIGTERM reached it: no wait for the stop timeout")
+
     async def test_health_404_falls_back_to_models(self):
         backend = self.backend(demo(self.port, "--no-health"))
         await backend.start()
@@ -382,6 +402,43 @@ class NodeDeathTests(unittest.TestCase):
         node.kill()
         node.wait()
         await wait_until(lambda: not group_alive(pgid), 8, "the orphaned group to be gone")
+
+    async def test_a_setsid_backend_dies_with_its_node(self):
+        node, pgid = self.spawn_node("exec setsid " + demo(self.port))
+        [(server, _)] = ports.listeners(self.port)
+        self.addCleanup(kill_pid, server)
+        node.kill()
+        node.wait()
+        await wait_until(lambda: not psutil.pid_exists(server)
+                         or psutil.Process(server).status() == psutil.STATUS_ZOMBIE, 8,
+                         "the backend outside the group to be gone")
+
+    async def test_reclaim_stops_a_leftover_whose_supervisor_was_killed(self):
+        node, pgid = self.spawn_node(demo(self.port))
+        runtime_dir = os.path.join(self.dir, "run")
+        [(server, _)] = ports.listeners(self.port)
+        self.addCleanup(kill_pid, server)
+        node.send_signal(signal.SIGSTOP)
+        self.addCleanup(node.send_signal, signal.SIGCONT)
+        os.kill(pgid, signal.SIGKILL)  # the supervisor only: its backend runs on
+        await wait_until(lambda: not psutil.pid_exists(pgid)
+                         or psutil.Process(pgid).status() == psutil.STATUS_ZOMBIE, 8,
+                         "the supervisor to die")
+        self.assertTrue(psutil.pid_exists(server))
+        record = json.load(open(os.path.join(runtime_dir, "m.json")))
+        record["node_pid"] = 1  # as if the node had died
+        with open(os.path.join(runtime_dir, "m.json"), "w") as f:
+            json.dump(record, f)
+        logged = []
+        log = Logger(observer=logged.append)
+        self.assertEqual(reclaim(runtime_dir, log), [pgid])
+        self.assertFalse(psutil.pid_exists(server)
+                         and psutil.Process(server).status() != psutil.STATUS_ZOMBIE)
+        self.assertIsNone(ports.describe_busy("127.0.0.1", self.port))
+        [event] = logged
+        self.assertIn(str(server), formatEvent(event))
+        self.assertIn("is gone", formatEvent(event))
+        self.assertEqual(os.listdir(runtime_dir), [])
 
     async def test_reclaim_kills_recorded_leftover_only(self):
         node, pgid = self.spawn_node(demo(self.port))
