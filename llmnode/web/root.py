@@ -77,6 +77,16 @@ class CorsRoot(Root):
             return preflight
         return super().getChildWithDefault(path, request)
 
+    def refuse_early(self, request) -> Optional[tuple]:
+        """L{Root.refuse_early}, its 401 carrying the CORS headers like any other answer."""
+        refusal = super().refuse_early(request)
+        origin = request.getHeader(b"Origin")
+        if refusal is None or origin is None or not self.cors.allows(origin):
+            return refusal
+        error, headers = refusal
+        return error, (headers + b"Access-Control-Allow-Origin: " + origin
+                       + b"\r\nVary: Origin\r\n")
+
 
 def build_root(node, http, clock, program, *, devices: Callable[[], list], node_log=None,
                model_log: Optional[Callable] = None,
