@@ -15,7 +15,8 @@ Bodies (C{messages} is the bulk, about 35 bytes an object):
 - model first, no stream;
 - an unknown model;
 - the model with C{upstream_model} (the node rewrites the model field);
-- stream between two large members (the node must scan the middle of the body).
+- stream between two large members (the node must scan the middle of the body);
+- four bodies of the first kind at once, on four connections.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def body_of(kind: str, megabytes: float) -> bytes:
     item = b'{"role":"user","content":"hi"},'
     count = int(megabytes * 1e6) // len(item)
     messages = b"[" + item * (count - 1) + item[:-1] + b"]"
-    if kind == "model first, stream last":
+    if kind in ("model first, stream last", "four at once"):
         return b'{"model":"bench","messages":' + messages + b',"stream":false}'
     if kind == "model first, no stream":
         return b'{"model":"bench","messages":' + messages + b',"max_tokens":5}'
@@ -68,7 +69,7 @@ def body_of(kind: str, megabytes: float) -> bytes:
 
 
 KINDS = ("model first, stream last", "model first, no stream", "unknown model",
-         "upstream_model rewrite", "stream in the middle")
+         "upstream_model rewrite", "stream in the middle", "four at once")
 
 
 class Prober(threading.Thread):
@@ -104,23 +105,35 @@ def measure(port: int, node: psutil.Process, kind: str, megabytes: float) -> dic
     time.sleep(0.2)
     skip = len(prober.latencies)
     began = time.perf_counter()
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    connection.request("POST", "/v1/chat/completions", body=body,
-                       headers={"Content-Type": "application/json"})
-    response = connection.getresponse()
-    response.read()
+    statuses: list[int] = []
+    senders = [threading.Thread(target=post, args=(port, body, statuses))
+               for _ in range(4 if kind == "four at once" else 1)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
     took = time.perf_counter() - began
-    connection.close()
     time.sleep(0.1)
     prober.stopping.set()
     prober.join()
     during = prober.latencies[skip:]
-    return {"kind": kind, "body_mb": round(len(body) / 1e6, 1), "status": response.status,
+    return {"kind": kind, "body_mb": round(len(body) / 1e6, 1), "status": max(statuses),
             "request_s": round(took, 3), "health_answers": len(during),
             "health_max_ms": round(max(during) * 1000, 1),
             "health_p99_ms": round(statistics.quantiles(during, n=100, method="inclusive")[98] * 1000, 1)
             if len(during) >= 2 else None,
             "rss_growth_mb": round((max(prober.rss) - baseline) / 2**20, 1)}
+
+
+def post(port: int, body: bytes, statuses: list) -> None:
+    """POST C{body} to the chat endpoint; add the answer's status to C{statuses}."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    connection.request("POST", "/v1/chat/completions", body=body,
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    statuses.append(response.status)
 
 
 def start_node(workdir: str) -> tuple[subprocess.Popen, int]:
