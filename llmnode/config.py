@@ -205,6 +205,8 @@ class Program:
     log_format: str = "text"
     metrics_auth: bool = True
     cors_origins: tuple[str, ...] = ()
+    body_timeout: float = 300.0
+    strict_config: bool = False
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,10 @@ PROGRAM_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
     "admin_api_keys": KeyDoc([], "keys required as 'Authorization: Bearer KEY' on /api and "
                                  "/metrics (not on /v1); empty = api_keys apply there; "
                                  "${env:NAME} allowed"),
+    "body_timeout": KeyDoc(300, "seconds a client may take to send a request body, from "
+                                "the end of its headers (408 after that)"),
+    "strict_config": KeyDoc(False, "treat warnings (unknown keys) as errors: the node "
+                                   "refuses such a file at start and on reload"),
     "open_health": KeyDoc(True, "serve the health endpoint without a key"),
     "metrics_auth": KeyDoc(True, "require a key for the metrics endpoint"),
     "cors_origins": KeyDoc([], "browser origins allowed to call the node (CORS), e.g. "
@@ -385,6 +391,9 @@ def parse_config(text: str, path: Optional[str] = None, base_dir: str = ".",
     checker = _Checker(os.path.abspath(base_dir),
                        os.environ if environ is None else environ)
     config = checker.check(text, path)
+    if config.program.strict_config and checker.warnings:
+        checker.problems.extend(f"{warning} (an error: program.strict_config is on)"
+                                for warning in checker.warnings)
     if checker.problems:
         raise ConfigError(checker.problems, checker.warnings)
     return config
@@ -958,11 +967,13 @@ _PROGRAM_SPEC = (
     ("memory_margin", _number(0.0)),
     ("connect_burst", _integer(1)),
     ("shutdown_timeout", _number(0.0)),
+    ("body_timeout", _number(0.0, exclusive=True)),
     ("api_keys", _string_list(_string, "strings", substitute=True)),
     ("admin_api_keys", _string_list(_string, "strings", substitute=True)),
     ("open_health", _boolean),
     ("metrics_auth", _boolean),
     ("cors_origins", _string_list(_origin, "origins")),
+    ("strict_config", _boolean),
 )
 
 _MODEL_SPEC = (

@@ -21,13 +21,13 @@ from llmnode.costs import CostBook, costs_path, group_usage
 from llmnode.errors import NodeError
 from llmnode.devices.loader import default_plugins
 from llmnode.devices.monitor import DeviceMonitor
-from llmnode.launcher import Backend, ModelLog, reclaim
+from llmnode.launcher import Backend, ModelLog, ports, reclaim
 from llmnode.launcher.supervisor import group_members
 from llmnode.logs import LogBuffer
 from llmnode.node import Node, backend_environment
 from llmnode.placement import Placement
 from llmnode.sweeper import Sweeper
-from llmnode.web.api import reload_config
+from llmnode.web.api import log_warnings, reload_config
 from llmnode.web.client import BackendAgent, make_client
 from llmnode.web.auth import warn_if_open
 from llmnode.web.common import max_body_bytes
@@ -81,7 +81,8 @@ class NodeService(MultiService):
         self.site = NodeSite(build_root(self.node, self.http, reactor, program,
                                         devices=self.devices_report, node_log=self.node_log,
                                         model_log=self._model_log, ready=lambda: self.ready),
-                             max_body_bytes=max_body_bytes(program.max_body_mb), clock=reactor)
+                             max_body_bytes=max_body_bytes(program.max_body_mb),
+                             body_timeout=program.body_timeout, clock=reactor)
         self._listening = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -118,6 +119,7 @@ class NodeService(MultiService):
         self._listen()
         self.sweeper.start()
         warn_if_open(self.host, self.config.program, self.log)
+        log_warnings(self.config, self.log)
         self.log.info("llmnode serving {n} models on http://{host}:{port}",
                       n=len(self.config.models), host=self.host, port=self.listening_port)
         for runtime in self.node.runtimes():
@@ -176,7 +178,18 @@ class NodeService(MultiService):
         await self._pool.closeCachedConnections()
         for log in self._logs.values():
             log.close()
-        self.log.info("llmnode stopped; no backend left running")
+        self._report_left_running()
+
+    def _report_left_running(self) -> None:
+        """Say that no backend is left, unless a model's port is still listened on."""
+        left = [(model, owners) for model in self.config.models
+                for owners in [ports.listeners(model.port)] if owners]
+        for model, owners in left:
+            self.log.error("llmnode stopped, but port {port} of {model} is still listened on "
+                           "by {owners}", port=model.port, model=model.id,
+                           owners="; ".join(f"pid {pid} ({command})" for pid, command in owners))
+        if not left:
+            self.log.info("llmnode stopped; no backend left running")
 
     async def _drain(self, timeout: float) -> None:
         """Wait until no request is in flight, at most C{timeout} seconds."""

@@ -87,6 +87,16 @@ class ManagementApiTests(TestCase):
             self.assertEqual(response.headers.getRawHeaders(b"Allow"), [allowed])
             self.assertEqual((await response.json())["error"]["code"], "method_not_allowed")
 
+    async def test_head_on_health_answers_like_get_without_a_body(self):
+        await self.node()
+        response = await self.http.head(self.url + "/health")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"Content-Type"), [b"application/json"])
+        self.assertGreater(int(response.headers.getRawHeaders(b"Content-Length")[0]), 0)
+        self.assertEqual(await response.content(), b"")
+        status, health = await get_json(self.http, self.url + "/health")
+        self.assertEqual((status, health["status"]), (200, "ok"))
+
     async def test_failed_start_reports_the_backend_output(self):
         await self.node(chat=demo_model(free_port(), flags="--exit-at-once 'no weights here'"))
         status, body, headers = await post_json(self.http, self.url + "/models/chat/start", {})

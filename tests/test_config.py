@@ -297,6 +297,16 @@ class ValidConfigTests(ConfigTestCase):
         self.assertEqual(config.program.alive_time, 30.0)
         self.assertEqual(config.models[0].aliases, ())
 
+    def test_strict_config_makes_warnings_errors(self):
+        text = seed(model(extra="start_timout: 3\n"), program="strict_config: true\n")
+        with self.assertRaises(ConfigError) as caught:
+            self.load(text)
+        self.assertEqual(caught.exception.problems, [
+            "Local-Models.m1.start_timout: unknown key (did you mean 'start_timeout'?) "
+            "(an error: program.strict_config is on)"])
+        config = self.load(seed(model(), program="strict_config: true\n"))
+        self.assertTrue(config.program.strict_config)
+
 
 class ProblemTests(ConfigTestCase):
 

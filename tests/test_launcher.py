@@ -14,12 +14,12 @@ import psutil
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 import llmnode
-from llmnode.launcher import Backend, ModelLog, StartError, reclaim
+from llmnode.launcher import Backend, ModelLog, StartError, ports, reclaim
 from llmnode.launcher.runtime import record_path
 from llmnode.launcher.supervisor import exec_last
 
@@ -78,6 +78,13 @@ def kill_group(pgid) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def demo(port: int, *flags: str) -> str:
@@ -237,6 +244,45 @@ class BackendTests(unittest.TestCase):
         await self.assertFailure(starting, defer.CancelledError)
         await wait_until(lambda: not group_alive(backend.pid), 8, "the group to be stopped")
 
+    async def test_a_health_probe_slower_than_a_second_is_waited_for(self):
+        script = os.path.join(self.dir, "slow_health.py")
+        with open(script, "w") as f:
+            f.write(SLOW_HEALTH)
+        backend = self.backend(f"{PYTHON} {script} {self.port} 1.5", start_timeout=20)
+        await backend.start()
+        self.assertIsNotNone(backend.ready_at)
+        self.assertGreaterEqual(backend.ready_at - backend.started_at, 1.5)
+
+    async def test_a_health_probe_that_never_answers_fails_at_the_start_timeout_saying_so(self):
+        script = os.path.join(self.dir, "slow_health.py")
+        with open(script, "w") as f:
+            f.write(SLOW_HEALTH)
+        backend = self.backend(f"{PYTHON} {script} {self.port} 30", start_timeout=1.5)
+        e = await self.assertFailure(defer.Deferred.fromCoroutine(backend.start()), StartError)
+        self.assertEqual(e.reason, "timeout")
+        self.assertIn("within 1.5 s", e.message)
+
+    async def test_a_failed_start_shows_only_its_own_output(self):
+        for run in ("first", "second"):
+            backend = self.backend(demo(self.port, "--exit-at-once", f"{run}-run-output"))
+            e = await self.assertFailure(defer.Deferred.fromCoroutine(backend.start()),
+                                         StartError)
+            self.assertIn(f"{run}-run-output", e.message)
+        self.assertNotIn("first-run-output", e.message)
+
+    async def test_a_backend_that_calls_setsid_is_stopped_too(self):
+        backend = self.backend("exec setsid " + demo(self.port), stop_timeout=30)
+        await backend.start()
+        [(server, _)] = ports.listeners(self.port)
+        self.addCleanup(kill_pid, server)
+        self.assertNotEqual(os.getpgid(server), backend.pid, "it left the process group")
+        await backend.stop()
+        self.assertFalse(psutil.pid_exists(server) and
+                         psutil.Process(server).status() != psutil.STATUS_ZOMBIE)
+        self.assertIsNone(ports.describe_busy("127.0.0.1", self.port))
+        self.assertNotIn("SIGKILL", "\n".join(self.log.tail(10)),
+                         "SIGTERM reached it: no wait for the stop timeout")
+
     async def test_health_404_falls_back_to_models(self):
         backend = self.backend(demo(self.port, "--no-health"))
         await backend.start()
@@ -283,6 +329,28 @@ class BackendTests(unittest.TestCase):
         text = open(self.log.path, encoding="utf-8").read()
         self.assertIn("…[truncated", text)
         self.assertLess(max(len(line.encode()) for line in text.splitlines()), 8192 + 200)
+
+
+SLOW_HEALTH = r"""
+import http.server, signal, sys, time
+signal.alarm(60)
+port, delay = int(sys.argv[1]), float(sys.argv[2])
+
+
+class Slow(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(delay)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+http.server.ThreadingHTTPServer(("127.0.0.1", port), Slow).serve_forever()
+"""
 
 
 NODE_SCRIPT = r"""
@@ -334,6 +402,43 @@ class NodeDeathTests(unittest.TestCase):
         node.kill()
         node.wait()
         await wait_until(lambda: not group_alive(pgid), 8, "the orphaned group to be gone")
+
+    async def test_a_setsid_backend_dies_with_its_node(self):
+        node, pgid = self.spawn_node("exec setsid " + demo(self.port))
+        [(server, _)] = ports.listeners(self.port)
+        self.addCleanup(kill_pid, server)
+        node.kill()
+        node.wait()
+        await wait_until(lambda: not psutil.pid_exists(server)
+                         or psutil.Process(server).status() == psutil.STATUS_ZOMBIE, 8,
+                         "the backend outside the group to be gone")
+
+    async def test_reclaim_stops_a_leftover_whose_supervisor_was_killed(self):
+        node, pgid = self.spawn_node(demo(self.port))
+        runtime_dir = os.path.join(self.dir, "run")
+        [(server, _)] = ports.listeners(self.port)
+        self.addCleanup(kill_pid, server)
+        node.send_signal(signal.SIGSTOP)
+        self.addCleanup(node.send_signal, signal.SIGCONT)
+        os.kill(pgid, signal.SIGKILL)  # the supervisor only: its backend runs on
+        await wait_until(lambda: not psutil.pid_exists(pgid)
+                         or psutil.Process(pgid).status() == psutil.STATUS_ZOMBIE, 8,
+                         "the supervisor to die")
+        self.assertTrue(psutil.pid_exists(server))
+        record = json.load(open(os.path.join(runtime_dir, "m.json")))
+        record["node_pid"] = 1  # as if the node had died
+        with open(os.path.join(runtime_dir, "m.json"), "w") as f:
+            json.dump(record, f)
+        logged = []
+        log = Logger(observer=logged.append)
+        self.assertEqual(reclaim(runtime_dir, log), [pgid])
+        self.assertFalse(psutil.pid_exists(server)
+                         and psutil.Process(server).status() != psutil.STATUS_ZOMBIE)
+        self.assertIsNone(ports.describe_busy("127.0.0.1", self.port))
+        [event] = logged
+        self.assertIn(str(server), formatEvent(event))
+        self.assertIn("is gone", formatEvent(event))
+        self.assertEqual(os.listdir(runtime_dir), [])
 
     async def test_reclaim_kills_recorded_leftover_only(self):
         node, pgid = self.spawn_node(demo(self.port))

@@ -16,7 +16,7 @@ from twisted.web.resource import Resource
 from llmnode.web.common import MAX_HEAD_BYTES
 from llmnode.web.server import NodeSite
 from tests.support.nodes import (base_url, demo_model, free_port, get_json, http_client,
-                                 start_node)
+                                 sleep, start_node)
 
 
 class Hello(Resource):
@@ -138,6 +138,49 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(status, 408)
         self.assertEqual(error["code"], "request_timeout")
 
+    def test_a_client_that_never_sends_a_byte_is_dropped_after_the_idle_timeout(self):
+        channel, transport = self.connect(idle_timeout=5)
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
+    def test_the_first_head_is_timed_from_the_accept(self):
+        channel, transport = self.connect(idle_timeout=5, head_timeout=8)
+        self.clock.advance(4)
+        channel.dataReceived(b"GET / HTTP/1.1\r\n")
+        self.clock.advance(3.9)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"X: y\r\n")
+        self.clock.advance(0.2)
+        status, error = self.refusal(transport)
+        self.assertEqual(status, 408)
+
+    def test_a_trickling_body_gets_408_after_the_body_timeout(self):
+        channel, transport = self.connect(idle_timeout=30, body_timeout=60)
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(2):
+            self.clock.advance(20)
+            channel.dataReceived(b"x")
+        self.clock.advance(19.9)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0.2)
+        status, error = self.refusal(transport)
+        self.assertEqual(status, 408)
+        self.assertEqual(error["code"], "request_timeout")
+        self.assertIn("body_timeout", error["message"])
+
+    def test_the_body_timeout_ends_with_the_body(self):
+        channel, transport = self.connect(idle_timeout=30, body_timeout=10)
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nx")
+        self.clock.advance(9)
+        channel.dataReceived(b"y")
+        self.clock.advance(20)
+        status, _, body = split_response(transport.value())
+        self.assertEqual((status, body), (200, b"hello"))
+        self.assertFalse(transport.disconnecting)
+
     def test_the_head_timeout_ends_with_the_headers(self):
         channel, transport = self.connect(idle_timeout=5, head_timeout=10)
         for _ in range(4):
@@ -186,15 +229,50 @@ class LiveLimitTests(TestCase):
         status, health = await get_json(self.http, self.url + "/api/health")
         self.assertEqual((status, health["status"]), (200, "ok"))
 
-    async def test_body_over_the_limit_gets_413_json(self):
+    async def test_a_body_announced_over_the_limit_gets_413_before_it_is_sent(self):
         await self.node(max_body_mb=1)
-        response = await self.http.post(self.url + "/v1/chat/completions",
-                                        data=b"x" * (2 * 1024 * 1024),
-                                        headers={b"Content-Type": [b"application/json"]})
-        body = json.loads(await response.content())
-        self.assertEqual(response.code, 413)
-        self.assertEqual(body["error"]["code"], "request_too_large")
+        client = await self.raw()
+        client.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Length: 314572800\r\n\r\n{\"model\": \"chat\"")
+        status, _, body = split_response(await client.closed)
+        self.assertEqual(status, 413)
+        self.assertEqual(json.loads(body)["error"]["code"], "request_too_large")
         self.assertEqual(self.service.node.lookup("chat").state, "stopped")
+        await self.still_serving()
+
+    async def endless_chunked_body(self, client: RawClient, headers: bytes = b"") -> bytes:
+        """Send a chunked body that never ends, until the node answers and closes."""
+        client.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + headers
+                               + b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+        sent = 0
+        while not client.closed.called and sent < 64:
+            client.transport.write(chunk)
+            sent += 1
+            await sleep(0.01)
+        return await client.closed
+
+    async def test_an_endless_body_over_the_limit_gets_413_and_is_closed(self):
+        await self.node(max_body_mb=1)
+        client = await self.raw()
+        status, _, body = split_response(await self.endless_chunked_body(client))
+        self.assertEqual(status, 413)
+        self.assertEqual(json.loads(body)["error"]["code"], "request_too_large")
+        await self.still_serving()
+
+    async def test_an_endless_body_without_the_key_gets_401_at_once(self):
+        await self.node(api_keys=["k"])
+        client = await self.raw()
+        status, headers, body = split_response(await self.endless_chunked_body(client))
+        self.assertEqual(status, 401)
+        self.assertEqual(json.loads(body)["error"]["code"], "invalid_api_key")
+        self.assertTrue(headers[b"www-authenticate"].startswith(b"Bearer"))
+
+    async def test_a_connection_that_never_sends_a_byte_is_closed(self):
+        await self.node()
+        self.service.site.idle_timeout = 0.5
+        client = await self.raw()
+        self.assertEqual(await client.closed, b"")
         await self.still_serving()
 
     async def test_oversized_headers_get_431_json_and_the_node_stays_up(self):

@@ -117,6 +117,15 @@ class StartTests(SynchronousTestCase):
         self.assertEqual(h.reserved(), {}, "its memory is released")
         self.assertEqual(len(h.backends), 1, "no retry storm")
 
+    def test_a_start_failure_without_text_still_says_why(self):
+        h = Harness()
+        runtime = h.node.lookup("m")
+        waiting = runtime.start()
+        h.backends[0].started.errback(defer.CancelledError())
+        message = self.failureResultOf(waiting, Unavailable).value.message
+        self.assertEqual(message, "model 'm' failed to start: CancelledError")
+        self.assertIn("CancelledError", runtime.last_error)
+
     def test_cancelled_waiter_leaves_the_start_alone(self):
         h = Harness()
         runtime = h.node.lookup("m")

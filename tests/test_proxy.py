@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
@@ -23,7 +24,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from llmnode.config import Program
 from llmnode.errors import BadGateway, BodyTooLarge, Unavailable
-from llmnode.web.common import PendingResponse, read_body, render_error
+from llmnode.web import proxy
+from llmnode.web.common import PendingResponse, full_routing, read_body, render_error
 from tests.support.demo import spawn_demo
 from tests.support.fake_node import FakeRuntime, model
 from tests.support.net import (
@@ -145,6 +147,53 @@ class ForwardingTests(ProxyCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(payload["llmnode_echo"]["model"], "org/real-name")
         self.assertEqual(payload["choices"][0]["message"]["content"], "echo: keep me")
+
+    async def test_large_bodies_are_routed_and_rewritten_whatever_their_member_order(self):
+        runtime = FakeRuntime(
+            model("chat-model", aliases=("friendly",), upstream_model="org/real-name"),
+            self.demo())
+        port = serve_proxy(self, [runtime])
+        messages = [{"role": "user", "content": "hi"}] * 20000
+        for document in (chat_body("friendly", max_tokens=5),
+                         {"messages": messages, "model": "friendly", "tools": messages}):
+            document["messages"] = messages
+            big = json.dumps(document).encode()
+            response, payload = await self.post_json(port, CHAT, big)
+            self.assertEqual(response.code, 200, list(document))
+            echo = payload["llmnode_echo"]
+            self.assertEqual(echo["model"], "org/real-name")
+            expected = json.dumps(dict(document, model="org/real-name")).encode()
+            self.assertEqual((echo["body_bytes"], echo["body_sha256"]),
+                             (len(expected), hashlib.sha256(expected).hexdigest()))
+
+    async def test_other_requests_are_answered_while_a_large_body_is_read(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def held_full_routing(body):
+            release.wait(30)
+            return full_routing(body)
+
+        self.patch(proxy, "full_routing", held_full_routing)
+        port = serve_proxy(self, [FakeRuntime(model("chat-model"), self.demo())])
+        messages = [{"role": "user", "content": "hi"}] * 20000
+        big = json.dumps({"messages": messages, "model": "chat-model", "tools": messages})
+        reading = Deferred.fromCoroutine(self.post_json(port, CHAT, big.encode()))
+        response, _ = await self.post_json(port, CHAT, chat_body())
+        self.assertEqual(response.code, 200)
+        self.assertFalse(reading.called)
+        release.set()
+        response, payload = await reading
+        self.assertEqual(response.code, 200, payload)
+
+    async def test_a_large_body_read_in_a_thread_still_gets_its_errors(self):
+        port = serve_proxy(self, [FakeRuntime(model("chat-model"), self.demo())])
+        messages = [{"role": "user", "content": "hi"}] * 20000
+        for document, status in (({"messages": messages, "model": "nope", "tools": messages},
+                                   404),
+                                  ({"messages": messages, "model": 7, "tools": messages}, 400)):
+            response, payload = await self.post_json(port, CHAT, json.dumps(document).encode())
+            self.assertOpenAIError(response, payload, status)
 
     async def test_streams_are_marked_unbuffered(self):
         runtime = FakeRuntime(model("chat-model"), self.demo())
@@ -288,6 +337,14 @@ class ErrorTests(ProxyCase):
         self.assertIn("'Embedding'", payload["error"]["message"])
         await self.check(port, {"model": "alias", "input": "x"}, 400, path="/v1/embeddings")
         self.assertEqual((self.runtime.spawns, self.embedder.spawns), (0, 0))
+
+    async def test_a_body_nested_20000_deep_is_a_400(self):
+        port = serve_proxy(self, [self.runtime])
+        deep = b"[" * 20000 + b"]" * 20000
+        for body in (b'{"model": "chat-model", "x": ' + deep + b"}", deep):
+            payload = await self.check(port, body, 400)
+            self.assertIn("nested too deeply", payload["error"]["message"])
+        self.assertEqual(self.runtime.spawns, 0)
 
     async def test_wrong_method_and_unknown_path(self):
         port = serve_proxy(self, [self.runtime])

@@ -6,6 +6,7 @@ import os
 import signal
 
 import yaml
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.support.nodes import (base_url, demo_model, free_port, get_json, http_client,
@@ -80,6 +81,34 @@ class ReloadTests(TestCase):
         self.assertEqual(status, 200)
         _, after = await get_json(http, url + "/api/models/chat/info")
         self.assertEqual(after["pid"], info["pid"])
+
+    async def test_a_misspelled_key_is_warned_about_at_start_and_in_the_reload_answer(self):
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        service = await start_node(self, {"chat": demo_model(free_port(), start_timout=3)})
+        warnings = [formatEvent(e) for e in logged if e.get("log_level") == LogLevel.warn]
+        self.assertIn("Local-Models.chat.start_timout: unknown key (did you mean "
+                      "'start_timeout'?)", "\n".join(warnings))
+        http = http_client(self)
+        rewrite(service.config.path,
+                lambda d: d["Local-Models"]["chat"].update(alive_tim=1))
+        status, outcome, _ = await post_json(http, base_url(service) + "/api/config/reload", {})
+        self.assertEqual(status, 200, outcome)
+        self.assertEqual(sorted(outcome["warnings"]), [
+            "Local-Models.chat.alive_tim: unknown key (did you mean 'alive_time'?)",
+            "Local-Models.chat.start_timout: unknown key (did you mean 'start_timeout'?)"])
+
+    async def test_with_strict_config_a_misspelled_key_is_refused_on_reload(self):
+        service = await start_node(self, {"chat": demo_model(free_port())},
+                                   strict_config=True)
+        http = http_client(self)
+        rewrite(service.config.path,
+                lambda d: d["Local-Models"]["chat"].update(start_timout=3))
+        status, body, _ = await post_json(http, base_url(service) + "/api/config/reload", {})
+        self.assertEqual(status, 400)
+        self.assertIn("Local-Models.chat.start_timout: unknown key", body["error"]["message"])
+        self.assertIn("old one stays in force", body["error"]["message"])
 
 
 class SighupTests(TwistdMixin, TestCase):

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmnode.errors import BadRequest
-from llmnode.web.common import SCAN_ABOVE, routing_fields
+from llmnode.web.common import (SCAN_ABOVE, full_routing, quick_routing, routing_fields,
+                                with_model)
 
 NAMES = ("model", "stream")
 
@@ -71,3 +72,69 @@ class RoutingFieldsTests(SynchronousTestCase):
                      json.dumps({"model": "m", "p": filler}).encode() + b" {}",
                      b"\xff\xfe" + json.dumps({"p": filler}).encode()):
             self.assertRaises(BadRequest, routing_fields, body)
+
+
+def many_small_objects(count: int) -> list:
+    return [{"role": "user", "content": "hi"}] * count
+
+
+class QuickRoutingTests(SynchronousTestCase):
+    """quick_routing: what the proxy reads on the reactor, without scanning a large body's
+    nested members; None sends the body to full_routing in a worker thread."""
+
+    @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+    @given(members, st.booleans(), st.sampled_from([None, 1]), st.booleans())
+    def test_whatever_it_answers_agrees_with_parsing(self, document, ascii_only, indent,
+                                                    pad_first):
+        document = padded(document)
+        if pad_first:
+            document = dict(reversed(list(document.items())))
+        body = json.dumps(document, ensure_ascii=ascii_only, indent=indent).encode("utf-8")
+        expected = {name: document[name] for name in NAMES if name in document}
+        quick = quick_routing(body)
+        if quick is not None:
+            self.assertEqual(quick.members, expected)
+        self.assertEqual(full_routing(body).members, expected)
+
+    def test_the_usual_large_body_needs_no_full_scan(self):
+        messages = many_small_objects(SCAN_ABOVE // 10)
+        for document, expected in (
+                ({"model": "m", "messages": messages, "stream": True},
+                 {"model": "m", "stream": True}),
+                ({"model": "m", "messages": messages}, {"model": "m"}),
+                ({"messages": messages, "tools": [{}], "model": "m", "stream": False},
+                 {"model": "m", "stream": False}),
+                ({"stream": True, "messages": messages, "temperature": 0.5, "model": "m"},
+                 {"model": "m", "stream": True})):
+            body = json.dumps(document, indent=1).encode()
+            self.assertEqual(quick_routing(body).members, expected, list(document))
+
+    def test_a_name_in_the_middle_sends_it_to_the_full_scan(self):
+        messages = many_small_objects(SCAN_ABOVE // 10)
+        for document in ({"model": "m", "messages": messages, "stream": True, "tools": [1]},
+                         {"messages": messages, "model": "m", "tools": messages},
+                         {"model": "m", "messages": messages + [{"model": "inner"}]}):
+            body = json.dumps(document).encode()
+            self.assertIsNone(quick_routing(body), list(document))
+            expected = {name: document[name] for name in NAMES if name in document}
+            self.assertEqual(full_routing(body).members, expected)
+
+    def test_a_missing_model_is_known_without_a_full_scan(self):
+        body = json.dumps({"messages": many_small_objects(SCAN_ABOVE // 10)}).encode()
+        self.assertEqual(quick_routing(body).members, {})
+
+    def test_a_duplicate_model_after_the_large_member_wins_as_when_parsed(self):
+        body = json.dumps({"model": "first", "messages": many_small_objects(SCAN_ABOVE // 10)}
+                          ).encode()[:-1] + b', "model": "last"}'
+        self.assertEqual(quick_routing(body).members, {"model": "last"})
+        self.assertEqual(json.loads(body)["model"], "last")
+
+    @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+    @given(members, st.booleans(), st.text(max_size=8))
+    def test_with_model_changes_only_the_model(self, document, pad_first, name):
+        document = dict(padded(document), model="original")
+        if pad_first:
+            document = dict(reversed(list(document.items())))
+        body = json.dumps(document).encode()
+        routing = quick_routing(body) or full_routing(body)
+        self.assertEqual(json.loads(with_model(body, routing, name)), dict(document, model=name))

@@ -367,33 +367,76 @@ class ChannelTests(SynchronousTestCase):
         status, _, body = split_response(final)
         self.assertEqual((status, json.loads(body)), (200, {"bytes": 5}))
 
-    def test_expect_100_continue_with_a_body_over_the_limit_gets_no_continue(self):
+    def test_expect_100_continue_with_a_body_over_the_limit_gets_413_at_once(self):
         resource = Upload(limit=1000)
         channel, transport = self.connect(resource, max_body_bytes=1000)
         channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
                              b"Expect: 100-continue\r\n\r\n")
         self.assertNotIn(b"100 Continue", transport.value())
-
-    def test_a_declared_body_over_the_limit_is_not_kept_and_gets_413(self):
-        resource = Upload(limit=1000)
-        channel, transport = self.connect(resource, max_body_bytes=1000)
-        channel.dataReceived(http_request("POST", "/up", b"x" * 5000))
-        channel.dataReceived(http_request("POST", "/up", b"y" * 10))
-        self.assertEqual(resource.seen, [(True, b"", b""), (False, b"y" * 10, b"y" * 10)])
-        [(status, headers, body), (next_status, _, _)] = responses(transport.value())
+        status, headers, body = split_response(transport.value())
         self.assertEqual(status, 413)
         self.assertEqual(error_of(self, headers, body)["code"], "request_too_large")
-        self.assertEqual(next_status, 200)
-        self.assertFalse(transport.disconnecting)
 
-    def test_a_chunked_body_that_grows_over_the_limit_is_not_kept_and_gets_413(self):
+    def test_a_declared_body_over_the_limit_is_answered_413_before_it_is_sent(self):
         resource = Upload(limit=1000)
         channel, transport = self.connect(resource, max_body_bytes=1000)
-        channel.dataReceived(http_request("POST", "/up", b"z" * 3000, chunked=True))
-        self.assertEqual(resource.seen, [(True, b"", b"")])
+        channel.dataReceived(http_request("POST", "/up", b"x" * 5000)[:-5000])
+        [(status, headers, body)] = responses(transport.value())
+        self.assertEqual(status, 413)
+        self.assertEqual(error_of(self, headers, body)["code"], "request_too_large")
+        self.assertEqual(headers[b"connection"], b"close")
+        self.assertTrue(transport.disconnecting)
+        answered = transport.value()
+        channel.dataReceived(b"x" * 5000 + http_request("POST", "/up", b"y" * 10))
+        self.assertEqual(transport.value(), answered, "nothing after the refusal is read")
+        self.assertEqual(resource.seen, [])
+
+    def test_a_chunked_body_is_answered_413_once_it_grows_over_the_limit(self):
+        resource = Upload(limit=1000)
+        channel, transport = self.connect(resource, max_body_bytes=1000)
+        channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                             b"\r\n\r\n")
+        for _ in range(3):
+            channel.dataReceived(b"100\r\n" + b"z" * 256 + b"\r\n")
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(b"100\r\n" + b"z" * 256 + b"\r\n")
         status, headers, body = split_response(transport.value())
         self.assertEqual(status, 413)
         self.assertEqual(error_of(self, headers, body)["type"], "invalid_request_error")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(resource.seen, [])
+
+    def test_a_body_the_root_refuses_from_its_head_is_answered_before_it_is_read(self):
+        class Guarded(Upload):
+            def refuse_early(self, request):
+                if request.getHeader(b"Authorization") != b"Bearer k":
+                    return NodeError("no key"), b"WWW-Authenticate: Bearer\r\n"
+                return None
+
+        resource = Guarded(limit=1000)
+        channel, transport = self.connect(resource)
+        channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                             b"\r\n\r\n")
+        status, headers, body = split_response(transport.value())
+        self.assertEqual(status, 500)
+        self.assertEqual(headers[b"www-authenticate"], b"Bearer")
+        self.assertEqual(error_of(self, headers, body)["message"], "no key")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(resource.seen, [])
+
+    def test_a_body_with_the_key_is_read_and_served(self):
+        class Guarded(Upload):
+            def refuse_early(self, request):
+                return None if request.getHeader(b"Authorization") == b"Bearer k" else (
+                    NodeError("no key"), b"")
+
+        resource = Guarded(limit=1000)
+        channel, transport = self.connect(resource)
+        channel.dataReceived(http_request("POST", "/up", b"abc",
+                                          headers={"Authorization": "Bearer k"}))
+        channel.dataReceived(http_request("POST", "/up", b""))
+        self.assertEqual([status for status, _, _ in responses(transport.value())], [200, 200])
+        self.assertEqual([seen[1] for seen in resource.seen], [b"abc", b""])
 
     # -- errors -------------------------------------------------------------------------------
 
@@ -619,15 +662,18 @@ class SocketTests(TestCase):
         await client.when_received(b'{"bytes": 5}')
         self.assertEqual(resource.seen, [(False, b"hello", b"hello")])
 
-    async def test_a_body_over_the_limit_gets_413_over_treq(self):
+    async def test_a_body_over_the_limit_gets_413_before_the_client_sent_it(self):
         resource = Upload(limit=4096)
         site, port = listen_node(self, resource, max_body_bytes=4096)
-        http = http_client(self)
-        response = await http.post(f"http://127.0.0.1:{port}/up", data=b"q" * 100000)
-        body = json.loads(await response.content())
-        self.assertEqual(response.code, 413)
-        self.assertEqual(body["error"]["code"], "request_too_large")
-        self.assertEqual(resource.seen, [(True, b"", b"")])
+        client = await raw_connect(self, port)
+        client.transport.write(b"POST /up HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Length: 314572800\r\n\r\n" + b"q" * 1000)
+        await client.lost
+        status, headers, body, complete = parse_response(client.data)
+        self.assertEqual(status, 413)
+        self.assertTrue(complete)
+        self.assertEqual(json.loads(body)["error"]["code"], "request_too_large")
+        self.assertEqual(resource.seen, [])
 
     async def test_errors_over_treq_are_json(self):
         root = Resource()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
@@ -65,6 +67,22 @@ class NodeTests(TestCase):
         self.assertGreater(len(children), len(pids), "the scripts' children are in the groups")
         await service.stopService()
         self.assertEqual(pids_alive(children), [])
+
+    async def test_stopping_never_claims_no_backend_is_left_while_a_port_is_listened_on(self):
+        port = free_port()
+        stranger = socket.socket()
+        self.addCleanup(stranger.close)
+        stranger.bind(("127.0.0.1", port))
+        stranger.listen()
+        service = await start_node(self, {"a": demo_model(free_port()),
+                                          "b": demo_model(port)})
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        await service.stopService()
+        text = "\n".join(formatEvent(event) for event in logged)
+        self.assertIn(f"port {port} of b is still listened on by pid {os.getpid()}", text)
+        self.assertNotIn("no backend left running", text)
 
     async def test_health_reports_models_and_devices(self):
         service = await start_node(self, {"chat": demo_model(free_port())})

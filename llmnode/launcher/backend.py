@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import uuid
 from typing import Optional
 
 import treq
@@ -34,7 +35,7 @@ _PID_FD = 3
 class StartError(Exception):
     """A backend did not become ready.
 
-    @ivar reason: C{"exited"}, C{"timeout"}, C{"port_busy"} or C{"spawn"}.
+    @ivar reason: C{"exited"}, C{"timeout"}, C{"port_busy"}, C{"spawn"} or C{"probe"}.
     """
 
     def __init__(self, message: str, reason: str):
@@ -84,7 +85,7 @@ class _Output(protocol.ProcessProtocol):
 class Backend:
     """One run of a model's backend command; make a new one for every start.
 
-    @param env: the command's complete environment (nothing is added to it).
+    @param env: the command's environment; only C{LLMNODE_RUN} (the run's id) is added.
     @param cwd: the command's working directory (the config file's folder).
     @param health_path: polled until it answers 200; None means C{/health}, falling back to
         C{/v1/models} if C{/health} answers 404.
@@ -133,6 +134,9 @@ class Backend:
         self._stop_d: Optional[defer.Deferred] = None
         self._stop_requested = False
         self._probing = False
+        self._log_mark = 0
+        #: Marks the environment of every process of this run (L{supervisor.RUN_VARIABLE}).
+        self.run_id = uuid.uuid4().hex
 
     @property
     def running(self) -> bool:
@@ -167,6 +171,13 @@ class Backend:
         except defer.CancelledError:
             self.stop()
             raise
+        except Exception as e:
+            # Not expected (a probe's failure counts as "not ready yet"), but a start failure
+            # always says why.
+            self.model_log.note(f"readiness probing failed: {e!r}")
+            await self.stop()
+            raise StartError(f"model {self.model_id!r}: probing its readiness failed: "
+                             f"{type(e).__name__}: {e}", "probe") from e
         if index == 0:
             self.ready_at = self._reactor.seconds()
             self.model_log.note(f"ready on port {self.port} "
@@ -195,9 +206,13 @@ class Backend:
         args = supervisor.argv(sys.executable, package_root, os.getpid(), self.stop_timeout,
                                self.command, pid_fd=_PID_FD)
         self.model_log.note(f"starting: {self.command}")
+        self._log_mark = self.model_log.lines_written
+        # Every process of this run carries the run's id in its environment, so that one that
+        # leaves the process group (setsid) is still found, stopped and reclaimed.
+        env = dict(self.env, **{supervisor.RUN_VARIABLE: self.run_id})
         try:
             self._transport = self._reactor.spawnProcess(
-                _Output(self), sys.executable, args, env=self.env, path=self.cwd,
+                _Output(self), sys.executable, args, env=env, path=self.cwd,
                 childFDs={0: "w", 1: "r", 2: "r", _PID_FD: "r"})
         except Exception as e:
             self.model_log.note(f"could not start: {e}")
@@ -211,17 +226,19 @@ class Backend:
             self.log.failure("closing the stdin of {model}", model=self.model_id)
         if self.runtime_dir:
             runtime.write_record(self.runtime_dir, self.model_id, self.pid, self.command,
-                                 self.log)
+                                 self.log, run_id=self.run_id)
 
     def _end_probing(self, result):
         self._probing = False
         return result
 
     async def _wait_healthy(self) -> None:
+        """Probe until the health path answers 200. A probe has no limit of its own: a backend
+        that takes its time to answer is still starting, and the start timeout (or the
+        process's exit) ends the wait, cancelling the probe in flight."""
         path = self.health_path or "/health"
         while self._probing:
-            remaining = self.start_timeout - (self._reactor.seconds() - self.started_at)
-            code = await self._probe(path, max(0.05, min(1.0, remaining)))
+            code = await self._probe(path)
             if not self._probing:
                 break
             if code == 200:
@@ -233,10 +250,10 @@ class Backend:
             await deferLater(self._reactor, self.health_interval, lambda: None)
         raise defer.CancelledError()
 
-    async def _probe(self, path: str, timeout: float) -> Optional[int]:
+    async def _probe(self, path: str) -> Optional[int]:
         """The status code of one GET, or None when there was no answer."""
         try:
-            response = await self._http.get(self._url(path), timeout=timeout)
+            response = await self._http.get(self._url(path))
         except defer.CancelledError:
             raise
         except Exception:
@@ -254,7 +271,7 @@ class Backend:
         return f"http://{host}:{self.port}{path}"
 
     def _last_lines(self) -> str:
-        lines = [line for line in self.model_log.tail(_TAIL_LINES + 5)
+        lines = [line for line in self.model_log.tail(_TAIL_LINES + 5, since=self._log_mark)
                  if not line.startswith("[llmnode] ")][-_TAIL_LINES:]
         if not lines:
             return " (it wrote nothing)"
@@ -421,15 +438,30 @@ class Backend:
         return True
 
     def _group_gone(self) -> bool:
-        """Whether the main process has exited and no process of its group is left."""
+        """Whether the main process has exited and no process of its group, nor of its run
+        outside the group, is left."""
         if self.pid is None:
             return True
         if self.status is None:
             return False
-        return not ports.group_alive(self.pid)
+        return not ports.group_alive(self.pid) and not self._escaped()
+
+    def _escaped(self) -> list:
+        """The processes of this run that left its group (a command that called setsid)."""
+        try:
+            return supervisor.escaped_members(self.run_id, self.pid)
+        except OSError:
+            self.log.failure("looking for the processes of {model}", model=self.model_id)
+            return []
 
     def _signal_group(self, signum: int) -> None:
-        """Signal the group; before the supervisor has its own group, signal it alone."""
+        """Signal the group and the processes of this run outside it; before the supervisor
+        has its own group, signal it alone."""
+        escaped = self._escaped()
+        if escaped:
+            self.model_log.note(f"signal {signum} also to pids {escaped}, which left the "
+                                f"process group")
+            supervisor.signal_all(escaped, signum)
         try:
             os.killpg(self.pid, signum)
             return

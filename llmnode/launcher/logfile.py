@@ -53,6 +53,8 @@ class ModelLog:
         self._partials: dict[str, _Partial] = {}
         self._tail: deque[str] = deque(maxlen=_TAIL_KEPT)
         self._followers = Followers()
+        #: Lines written so far: a mark for L{tail}'s C{since}.
+        self.lines_written = 0
 
     def write(self, data: bytes, stream: str = "out") -> None:
         """Add output of C{stream}: complete lines are written, an unfinished one is kept."""
@@ -79,8 +81,13 @@ class ModelLog:
         self._partials.clear()
         self._emit(lines)
 
-    def tail(self, n: int = 20) -> list[str]:
-        """The last C{n} lines written (without timestamps), oldest first."""
+    def tail(self, n: int = 20, since: int = 0) -> list[str]:
+        """The last C{n} lines written (without timestamps), oldest first.
+
+        @param since: a value of L{lines_written}: only lines written after it are returned
+            (one run's output, not the runs' before it).
+        """
+        n = min(n, self.lines_written - since)
         if n <= 0:
             return []
         return list(self._tail)[-n:]
@@ -134,6 +141,7 @@ class ModelLog:
         if not lines:
             return
         self._tail.extend(lines)
+        self.lines_written += len(lines)
         stamp = datetime.fromtimestamp(self._clock()).astimezone().isoformat(
             timespec="milliseconds")
         for line in lines:

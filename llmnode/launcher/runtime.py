@@ -15,7 +15,8 @@ from urllib.parse import quote
 
 import psutil
 
-from llmnode.launcher.supervisor import MODULE, group_members
+from llmnode.launcher.supervisor import (MODULE, escaped_members, group_members, run_members,
+                                         signal_all)
 
 MARKER = "llmnode-supervisor"
 _TERM_WAIT = 3.0
@@ -33,11 +34,13 @@ def _create_time(pid: int) -> Optional[float]:
         return None
 
 
-def write_record(runtime_dir: str, model_id: str, pid: int, command: str, log) -> None:
-    """Record the group led by C{pid} (the supervisor); failures are logged, not raised."""
+def write_record(runtime_dir: str, model_id: str, pid: int, command: str, log,
+                 run_id: Optional[str] = None) -> None:
+    """Record the group led by C{pid} (the supervisor) and the run id its processes carry;
+    failures are logged, not raised."""
     record = {"model": model_id, "pid": pid, "pgid": pid, "create_time": _create_time(pid),
               "node_pid": os.getpid(), "node_create_time": _create_time(os.getpid()),
-              "command": command, "marker": MARKER}
+              "command": command, "marker": MARKER, "run": run_id}
     path = record_path(runtime_dir, model_id)
     try:
         os.makedirs(runtime_dir, exist_ok=True)
@@ -141,12 +144,15 @@ def reclaim(runtime_dir: str, log) -> list[int]:
             log.warn("{path} belongs to node pid {pid}, which still runs; left alone",
                      path=path, pid=node_pid)
             continue
+        run_id = record.get("run") if isinstance(record.get("run"), str) else None
+        model, command = record.get("model"), str(record.get("command"))[:200]
         if _is_our_supervisor(record):
             pgid = record["pgid"]
             log.warn("stopping the backend of {model} left by a previous node "
-                     "(process group {pgid}: {command})", model=record.get("model"),
-                     pgid=pgid, command=str(record.get("command"))[:200])
+                     "(process group {pgid}: {command})", model=model, pgid=pgid,
+                     command=command)
             try:
+                _stop_run(run_id, pgid)
                 os.killpg(pgid, signal.SIGTERM)
                 if not _wait_group(pgid, _TERM_WAIT):
                     os.killpg(pgid, signal.SIGKILL)
@@ -157,8 +163,37 @@ def reclaim(runtime_dir: str, log) -> list[int]:
                 log.failure("stopping process group {pgid}", pgid=pgid)
                 continue
             stopped.append(pgid)
+        elif run_id is not None and run_members(run_id):
+            # The supervisor is gone (killed on its own) but processes of its run still hold
+            # the model's port and memory: they carry the run's id, so they are ours.
+            pids = run_members(run_id)
+            log.warn("the supervisor of {model} (pid {pid}) left by a previous node is gone, "
+                     "but {count} of its processes still run (pids {pids}: {command}); "
+                     "stopping them", model=model, pid=record.get("pid"), count=len(pids),
+                     pids=", ".join(map(str, pids)), command=command)
+            _stop_run(run_id, None)
+            stopped.append(record.get("pgid"))
+        else:
+            log.info("removing the runtime record of {model} (pid {pid}): nothing of it runs",
+                     model=model, pid=record.get("pid"))
         _remove(path, log)
     return stopped
+
+
+def _stop_run(run_id: Optional[str], pgid: Optional[int]) -> None:
+    """Stop the processes of run C{run_id} outside group C{pgid} (all of them when None):
+    SIGTERM, a short wait, SIGKILL (blocking; only used at node start)."""
+    if run_id is None:
+        return
+
+    def left() -> list:
+        return run_members(run_id) if pgid is None else escaped_members(run_id, pgid)
+
+    signal_all(left(), signal.SIGTERM)
+    deadline = time.monotonic() + _TERM_WAIT
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    signal_all(left(), signal.SIGKILL)
 
 
 def _remove(path: str, log) -> None:

@@ -149,20 +149,59 @@ def last_command(command: str) -> Optional[tuple[int, int, str]]:
     return start, start + at, word
 
 
-def group_members(pgid: int) -> list:
-    """Pids of the processes in group C{pgid}, zombies excluded (Linux /proc)."""
-    members = []
+#: The environment variable whose value marks every process of one backend run: whatever the
+#: command starts inherits it, even a process that leaves the group (C{setsid}) or is orphaned.
+RUN_VARIABLE = "LLMNODE_RUN"
+
+
+def run_members(run_id: str) -> list:
+    """Pids of the live processes whose environment carries C{LLMNODE_RUN=run_id} (Linux
+    /proc; a zombie's environment reads empty, another user's not at all)."""
+    marker = f"{RUN_VARIABLE}={run_id}".encode()
+    return [pid for pid, environ in _each_process("environ") if marker in environ.split(b"\0")]
+
+
+def _each_process(entry: str):
+    """C{(pid, content)} of C{/proc/PID/entry} for every process whose file can be read."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
+            with open(f"/proc/{name}/{entry}", "rb") as f:
+                yield int(name), f.read()
         except OSError:
             continue
+
+
+def escaped_members(run_id: str, pgid: int) -> list:
+    """The processes of run C{run_id} outside process group C{pgid}: a command that called
+    C{setsid}, and what it started."""
+    escaped = []
+    for pid in run_members(run_id):
+        try:
+            if os.getpgid(pid) != pgid:
+                escaped.append(pid)
+        except OSError:
+            pass
+    return escaped
+
+
+def signal_all(pids: list, signum: int) -> None:
+    """Send C{signum} to each of C{pids}, ignoring those already gone."""
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+
+def group_members(pgid: int) -> list:
+    """Pids of the processes in group C{pgid}, zombies excluded (Linux /proc)."""
+    members = []
+    for pid, stat in _each_process("stat"):
         fields = stat[stat.rfind(b")") + 2:].split()
         if fields[0] != b"Z" and int(fields[2]) == pgid:
-            members.append(int(name))
+            members.append(pid)
     return members
 
 
@@ -213,10 +252,12 @@ class Supervisor:
         return self.finish(status)
 
     def stop_group(self) -> None:
-        """The node is gone: SIGTERM the group, wait C{grace}, SIGKILL it (this process too)."""
+        """The node is gone: SIGTERM the group and the processes of this run that left it,
+        wait C{grace}, SIGKILL them (this process too)."""
         signal.signal(_NODE_DIED, signal.SIG_IGN)
         pgid = os.getpgid(0)
         me = os.getpid()
+        self._signal_escaped(signal.SIGTERM)
         try:
             os.killpg(pgid, signal.SIGTERM)
         except OSError:
@@ -224,12 +265,13 @@ class Supervisor:
         deadline = time.monotonic() + self.grace
         while time.monotonic() < deadline:
             try:
-                others = [p for p in group_members(pgid) if p != me]
+                others = [p for p in group_members(pgid) + self._escaped() if p != me]
             except OSError:
                 others = [None]
             if not others:
                 break
             time.sleep(_POLL)
+        self._signal_escaped(signal.SIGKILL)
         os.killpg(pgid, signal.SIGKILL)
 
     def report_pid(self, pid: int) -> None:
@@ -241,6 +283,14 @@ class Supervisor:
             os.close(self.pid_fd)
         except OSError:
             pass
+
+    @staticmethod
+    def _escaped() -> list:
+        run_id = os.environ.get(RUN_VARIABLE)
+        return escaped_members(run_id, os.getpgid(0)) if run_id else []
+
+    def _signal_escaped(self, signum: int) -> None:
+        signal_all(self._escaped(), signum)
 
     def finish(self, status: int) -> int:
         """Exit the way the command did; a shell's 128+N counts as signal N."""

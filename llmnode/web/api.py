@@ -26,13 +26,14 @@ log = Logger()
 
 
 class _JSONResource(Resource):
-    """A leaf answering the methods it has C{json_<METHOD>} for; others get a JSON 405."""
+    """A leaf answering the methods it has C{json_<METHOD>} for (HEAD like GET, without the
+    body); others get a JSON 405."""
 
     isLeaf = True
 
     def render(self, request):
         method = request.method.decode("ascii", "replace")
-        handler = getattr(self, "json_" + method, None)
+        handler = getattr(self, "json_" + ("GET" if method == "HEAD" else method), None)
         if handler is None:
             return method_not_allowed(
                 request, tuple(sorted(name[5:] for name in dir(self) if name.startswith("json_"))))
@@ -227,17 +228,27 @@ class ReloadResource(_JSONResource):
 def reload_config(node) -> dict:
     """Re-read the node's config file and switch to it (see L{llmnode.node.Node.reload}).
 
+    The outcome carries the file's C{warnings} (unknown keys, ...), which are logged too.
+
     @raise BadRequest: the file is unreadable or invalid; the old config stays in force.
     """
     path = node.config.path
     try:
-        outcome = node.reload(load_config(path))
+        config = load_config(path)
     except ConfigError as e:
         raise BadRequest(f"the new config is invalid; the old one stays in force:\n{e}")
     except OSError as e:
         raise BadRequest(f"cannot read {path}: {e.strerror or e}; the old config stays in force")
+    log_warnings(config, log)
+    outcome = dict(node.reload(config), warnings=list(config.warnings))
     log.info("config reloaded from {path}: {outcome}", path=path, outcome=outcome)
     return outcome
+
+
+def log_warnings(config, logger) -> None:
+    """Log each warning of a loaded C{config} (an unknown key is likely a misspelled one)."""
+    for warning in config.warnings:
+        logger.warn("config {path}: {finding}", path=config.path, finding=warning)
 
 
 class ApiResource(_Group):

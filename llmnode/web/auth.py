@@ -118,15 +118,17 @@ class UnauthorizedResource(Resource):
         super().__init__()
         self.missing = missing
 
-    def render(self, request):
+    def refusal(self) -> tuple[Unauthorized, bytes]:
+        """The error and the C{WWW-Authenticate} challenge to answer with."""
         if self.missing:
-            challenge = b'Bearer realm="llmnode"'
-            message = "missing API key: send it as 'Authorization: Bearer KEY'"
-        else:
-            challenge = b'Bearer realm="llmnode", error="invalid_token"'
-            message = "invalid API key"
+            return (Unauthorized("missing API key: send it as 'Authorization: Bearer KEY'"),
+                    b'Bearer realm="llmnode"')
+        return Unauthorized("invalid API key"), b'Bearer realm="llmnode", error="invalid_token"'
+
+    def render(self, request):
+        error, challenge = self.refusal()
         request.setHeader(b"WWW-Authenticate", challenge)
-        return render_error(request, Unauthorized(message))
+        return render_error(request, error)
 
 
 def is_loopback(host: str) -> bool:

@@ -43,6 +43,9 @@ from llmnode.web.common import SocketWriter, headers_of, pairs_of
 #: Request headers the agent writes itself.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host"})
 
+#: Request bodies up to this size are sent in one write with their head.
+_JOIN_BODY_UP_TO = 64 * 1024
+
 #: Methods whose request carries a C{Content-Length: 0} when they have no body.
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
@@ -660,7 +663,12 @@ class _Connection(Protocol):
             framing = b"Content-Length: 0\r\n" if request.method in _BODY_METHODS else b""
             self._writer.write(request.head(framing))
         elif isinstance(body, BytesBody):
-            self._writer.write(request.head(b"Content-Length: %d\r\n" % body.length) + body.body)
+            head = request.head(b"Content-Length: %d\r\n" % body.length)
+            if body.length > _JOIN_BODY_UP_TO:
+                self._writer.write(head)  # not joined: a copy of a large body blocks
+                self._writer.write(body.body)
+            else:
+                self._writer.write(head + body.body)
         else:
             self._send_producer(request, body)
 

@@ -23,8 +23,9 @@ import json
 from typing import Callable, Optional
 
 from treq import content as treq_content
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
 from twisted.internet.error import ConnectionRefusedError as BackendRefused
+from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,16 +42,20 @@ from llmnode.web.common import (
     PendingResponse,
     headers_of,
     max_body_bytes,
+    Routing,
+    full_routing,
     method_not_allowed,
     parse_json_object,
+    quick_routing,
     read_body,
+    read_large_body,
     render_error,
-    routing_fields,
+    with_model,
 )
 from llmnode.web.models import ModelsResource
 from llmnode.web.multipart import boundary_of, form_fields, form_text
 from llmnode.web.relay import StreamRelay, forwarded_headers
-from llmnode.web.server import NodeRequest
+from llmnode.web.server import JOIN_ABOVE, NodeRequest
 
 log = Logger()
 
@@ -173,14 +178,35 @@ class ProxyEndpoint(Resource):
         if request.method != b"POST":
             return method_not_allowed(request, ("POST",))
         try:
-            runtime, body, streaming = self._route(request, self._endpoint)
+            routed = self._route(request, self._endpoint)
         except NodeError as e:
             return render_error(request, e)
         except Exception:
             log.failure("routing a {endpoint} request failed", endpoint=self._endpoint)
             return render_error(request, NodeError("internal error in the proxy"))
-        self._forwarder.forward(request, runtime, body, streaming, self._endpoint)
+        if isinstance(routed, Deferred):
+            self._forward_when_routed(request, routed)
+        else:
+            self._forwarder.forward(request, *routed, self._endpoint)
         return NOT_DONE_YET
+
+    def _forward_when_routed(self, request, routed: Deferred) -> None:
+        """Forward once a worker thread has read the body's routing members (unless the
+        client left meanwhile); answer the error if they are wrong."""
+        pending = PendingResponse(request)
+
+        def forward(result) -> None:
+            if pending.open:
+                self._forwarder.forward(request, *result, self._endpoint)
+
+        def failed(failure) -> None:
+            if not failure.check(NodeError):
+                log.failure("routing a {endpoint} request failed", failure,
+                            endpoint=self._endpoint)
+                failure = Failure(NodeError("internal error in the proxy"))
+            pending.send_error(failure.value)
+
+        routed.addCallbacks(forward, failed)
 
 
 class Forwarder:
@@ -203,16 +229,47 @@ class Forwarder:
         self._watch.stop()
 
     def route(self, request, endpoint: str):
-        """The runtime and the body to send for C{request}, or a L{NodeError}."""
+        """The runtime, the body to send and whether the client asked for a stream, or a
+        L{NodeError}; a Deferred of them when the body is read in a worker thread: a large
+        body (the server's L{NodeRequest.body_parts}), or one whose routing members
+        L{quick_routing} cannot find cheaply. Either way the reactor does no work that grows
+        with the body's size: it goes on answering other requests meanwhile."""
         if not request.uri.isascii():
             raise BadRequest("the request target must be ASCII (percent-encode it)")
-        if type(request) is NodeRequest and not request.body_too_large:
+        if type(request) is NodeRequest:
+            parts = request.body_parts
+            if parts is not None:
+                reading = self._in_thread(read_large_body, parts)
+                reading.addCallback(self._joined, request, endpoint)
+                return reading
             raw = request.raw_body  # read_body's answer, without its questions
             if len(raw) > self._limit:
                 raw = read_body(request, self._limit)
         else:
             raw = read_body(request, self._limit)
-        fields = routing_fields(raw)
+        routing = quick_routing(raw)
+        if routing is None:
+            reading = self._in_thread(full_routing, raw)
+            reading.addCallback(lambda routing: self._routed(raw, routing, endpoint))
+            return reading
+        return self._routed(raw, routing, endpoint)
+
+    def _joined(self, read: tuple, request: NodeRequest, endpoint: str):
+        """A large body was joined and read in a worker thread: route it."""
+        raw, routing = read
+        request.body_joined(raw)
+        return self._routed(raw, routing, endpoint)
+
+    def _in_thread(self, function, *args) -> Deferred:
+        """Run C{function} in the reactor's thread pool (inline under a test's Clock)."""
+        pool = getattr(self._clock, "getThreadPool", None)
+        if pool is None:
+            return maybeDeferred(function, *args)
+        return deferToThreadPool(self._clock, pool(), function, *args)
+
+    def _routed(self, raw: bytes, routing: Routing, endpoint: str):
+        """C{route}'s answer once the body's routing members are known."""
+        fields = routing.members
         name = fields.get("model")
         if "model" not in fields:
             raise BadRequest("missing required parameter 'model'", param="model")
@@ -220,9 +277,13 @@ class Forwarder:
             raise BadRequest("'model' must be a string", param="model")
         runtime = self.runtime_for(name, endpoint)
         model = runtime.model
+        streaming = fields.get("stream") is True
         if model.edits_body:
-            raw = json.dumps(model.edit_body(parse_json_object(raw))).encode("utf-8")
-        return runtime, raw, fields.get("stream") is True
+            if len(raw) > JOIN_ABOVE:
+                editing = self._in_thread(_edited, raw, routing, model)
+                return editing.addCallback(lambda raw: (runtime, raw, streaming))
+            raw = _edited(raw, routing, model)
+        return runtime, raw, streaming
 
     def route_form(self, request, endpoint: str):
         """L{route} for a C{multipart/form-data} body: the model is its C{model} field.
@@ -271,6 +332,14 @@ class Forwarder:
         """
         Exchange(request, runtime, body, self._http, self._clock, self._program, self._watch,
                  endpoint, streaming, target).start()
+
+
+def _edited(raw: bytes, routing: Routing, model) -> bytes:
+    """The body C{model}'s backend gets: only the model renamed (spliced in place, no
+    decoding) when that is the only edit, else decoded, edited and encoded again."""
+    if not (model.strip_params or model.set_params or model.default_params):
+        return with_model(raw, routing, model.upstream_model)
+    return json.dumps(model.edit_body(parse_json_object(raw))).encode("utf-8")
 
 
 #: The form fields L{Forwarder.route_form} reads.

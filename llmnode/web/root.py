@@ -41,6 +41,20 @@ class Root(Resource):
                 return denied
         return super().getChildWithDefault(path, request)
 
+    def refuse_early(self, request) -> Optional[tuple]:
+        """C{(error, header lines)} when C{request} lacks the key its path needs, judged from
+        its head alone: the server answers it before reading its body (see
+        L{llmnode.web.server}); None lets the request on."""
+        if self.guard is None or not self.guard.closed or not request.postpath:
+            return None
+        segment = request.postpath[0]
+        request.postpath = request.postpath[1:]
+        denied = self.guard.check(segment, request)
+        if denied is None:
+            return None
+        error, challenge = denied.refusal()
+        return error, b"WWW-Authenticate: " + challenge + b"\r\n"
+
     def getChild(self, path, request):
         return ErrorResource()
 
@@ -62,6 +76,16 @@ class CorsRoot(Root):
         if preflight is not None:
             return preflight
         return super().getChildWithDefault(path, request)
+
+    def refuse_early(self, request) -> Optional[tuple]:
+        """L{Root.refuse_early}, its 401 carrying the CORS headers like any other answer."""
+        refusal = super().refuse_early(request)
+        origin = request.getHeader(b"Origin")
+        if refusal is None or origin is None or not self.cors.allows(origin):
+            return refusal
+        error, headers = refusal
+        return error, (headers + b"Access-Control-Allow-Origin: " + origin
+                       + b"\r\nVary: Origin\r\n")
 
 
 def build_root(node, http, clock, program, *, devices: Callable[[], list], node_log=None,

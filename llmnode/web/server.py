@@ -8,11 +8,16 @@ and the request methods its resources use, and does the HTTP itself:
 
 - the request head and body are parsed by C{httptools} (llhttp); headers stay a list of
   byte pairs until someone asks for a C{Headers} object;
-- the body is kept in memory up to C{max_body_bytes}; beyond that it is read and dropped, and
-  the resource answers 413 (L{read_body});
-- one timer per connection covers both the idle timeout (suspended while a request is being
-  answered, so a long stream is never cut for idleness) and the time allowed for a request
-  head (408), pushed along by timestamps rather than rescheduled per request;
+- the body is kept in memory up to C{max_body_bytes}; a body announced or growing beyond that
+  is answered 413 at once and the connection ends (nothing more of it is read); a large one
+  is handed on in the pieces it arrived in, for the resource to join off the reactor;
+- a request with a body that the root resource's C{refuse_early} refuses (a missing or wrong
+  key) is answered when its headers end, before any of its body is read, and the connection
+  ends;
+- one timer per connection covers the idle timeout (suspended while a request is being
+  answered, so a long stream is never cut for idleness), the time allowed for a request head
+  (408; counted from the connection's accept for its first request) and for a request body
+  (408), pushed along by timestamps rather than rescheduled per request;
 - a head over C{head_limit} bytes gets 414 (request line) or 431 (headers), malformed HTTP a
   400, all as OpenAI-shaped JSON, and the connection ends after the answer;
 - pipelined requests are answered in order: while one is answered, the next ones wait parsed
@@ -44,14 +49,18 @@ from twisted.web.server import NOT_DONE_YET
 
 from llmnode.errors import BadRequest, MethodNotAllowed, NodeError
 from llmnode.web.common import (
-    IDLE_TIMEOUT, MAX_HEAD_BYTES, HeadTimeout, HeadTooLarge, RequestLineTooLong, SocketWriter,
-    headers_of, pairs_of, render_error)
+    BODY_TIMEOUT, IDLE_TIMEOUT, MAX_HEAD_BYTES, RequestTimeout, HeadTooLarge, RequestLineTooLong,
+    SocketWriter, body_too_large, headers_of, pairs_of, render_error)
 
 log = Logger()
 
 _REASONS = {code: phrase for code, phrase in RESPONSES.items()}
 _NO_BODY_CODES = frozenset({204, 304})
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+
+#: Bodies larger than this reach the resource as the pieces they arrived in
+#: (L{NodeRequest.body_parts}): joining 50 MB takes the reactor some 30 to 60 ms.
+JOIN_ABOVE = 1024 * 1024
 
 
 class _DateCache:
@@ -124,12 +133,16 @@ class NodeRequest:
     C{responseHeaders}, C{write}, C{finish}, C{notifyFinish}, C{registerProducer},
     C{getClientAddress}).
 
-    @ivar raw_body: the body as received (empty when it went over the limit).
-    @ivar body_too_large: the body went, or was announced to go, over the limit.
+    @ivar body_parts: a large body (over L{JOIN_ABOVE} bytes) as the pieces it arrived in,
+        until something asks for L{raw_body}; None otherwise. Joining is left to whoever can
+        do it off the reactor (C{bytes.join} of many pieces releases the GIL).
+    @ivar body_too_large: always False: the server answers a body over the limit itself.
     """
 
+    body_too_large = False
+
     def __init__(self, channel: "NodeChannel", method: bytes, uri: bytes, version: bytes,
-                 headers: list, raw_body: bytes, body_too_large: bool, keep_alive: bool):
+                 headers: list, body, keep_alive: bool):
         self.channel = channel
         self.transport = channel.transport
         self.site = channel.factory
@@ -138,8 +151,12 @@ class NodeRequest:
         self.clientproto = version
         self._raw_headers = headers
         self._headers: Optional[Headers] = None
-        self.raw_body = raw_body
-        self.body_too_large = body_too_large
+        if type(body) is list:
+            self.body_parts: Optional[list] = body
+            self._raw_body: Optional[bytes] = None
+        else:
+            self.body_parts = None
+            self._raw_body = body
         self.keep_alive = keep_alive
         path, _, self._query = uri.partition(b"?")
         self.path = path
@@ -160,6 +177,20 @@ class NodeRequest:
         self._producer = None
 
     # -- what arrived -----------------------------------------------------------------------
+
+    @property
+    def raw_body(self) -> bytes:
+        """The body as received (joined here, on first use, if it came as L{body_parts})."""
+        body = self._raw_body
+        if body is None:
+            body = self._raw_body = b"".join(self.body_parts)
+            self.body_parts = None
+        return body
+
+    def body_joined(self, body: bytes) -> None:
+        """L{body_parts} were joined elsewhere into C{body}: keep that, let the pieces go."""
+        self._raw_body = body
+        self.body_parts = None
 
     @property
     def args(self) -> dict:
@@ -397,6 +428,9 @@ class NodeChannel(Protocol):
         self._last_activity = 0.0
         self._in_head = False
         self._head_began = 0.0
+        self._first_message = True
+        self._in_body = False
+        self._body_began = 0.0
         self._head_raw = 0
         self._ended_in_chunk = False
         self._in_url = False
@@ -410,7 +444,7 @@ class NodeChannel(Protocol):
         self._headers: list = []
         self._body: list = []
         self._body_bytes = 0
-        self._too_large = False
+        self._chunked_body = False
         self._declared: Optional[bytes] = None
         self._expect: Optional[bytes] = None
 
@@ -426,6 +460,11 @@ class NodeChannel(Protocol):
         except Exception:
             pass
         self.send = SocketWriter(self.transport).write
+        # A client that never sends a byte is timed like one that stopped halfway through a
+        # request head: from the accept.
+        now = self._last_activity = self._head_began = self._clock.seconds()
+        self._in_head = True
+        self._schedule(now)
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused or self._closing or self._last_read:
@@ -475,7 +514,10 @@ class NodeChannel(Protocol):
         self._in_head = True
         self._in_url = True
         self._head_raw = 0
-        self._head_began = self._last_activity
+        if self._first_message:
+            self._first_message = False  # its head has been timed since the accept
+        else:
+            self._head_began = self._last_activity
         if self._timer is None:
             self._schedule(self._last_activity)
         elif self._timer.getTime() > self._head_began + self.factory.head_timeout:
@@ -489,12 +531,14 @@ class NodeChannel(Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
-        if name[0] in b"cCeE":
+        if name[0] in b"cCeEtT":
             lower = name.lower()
             if lower == b"content-length":
                 self._declared = value
             elif lower == b"expect":
                 self._expect = value
+            elif lower == b"transfer-encoding":
+                self._chunked_body = True
 
     def _head_too_large(self) -> None:
         if self._refused:
@@ -517,28 +561,50 @@ class NodeChannel(Protocol):
             raise HttpParserError("request head too large")
         self._in_head = False
         declared = self._declared
+        limit = self.factory.max_body_bytes
         if declared is not None:
-            limit = self.factory.max_body_bytes
             if limit is not None and declared.strip().isdigit() and int(declared) > limit:
-                self._too_large = True
+                # Nothing of a body announced over the limit is read: answered at once.
+                self._refuse(body_too_large(limit))
+                raise HttpParserError("request body too large")
+            has_body = declared.strip() not in (b"0", b"")
+        else:
+            has_body = self._chunked_body
+        if has_body:
+            refusal = self._early_refusal()
+            if refusal is not None:
+                self._refuse(*refusal)
+                raise HttpParserError("request refused before its body")
+            self._in_body = True
+            self._body_began = self._last_activity
         expect = self._expect
         if expect is not None and expect.lower() == b"100-continue":
-            if self._parser.get_http_version() == "1.1" and not self._too_large:
+            if self._parser.get_http_version() == "1.1":
                 self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    def _early_refusal(self) -> Optional[tuple]:
+        """(error, extra header lines) when the root resource refuses this request from its
+        head alone (C{refuse_early}), so that its body need not be read; else None."""
+        refuse_early = getattr(self.factory.resource, "refuse_early", None)
+        if refuse_early is None:
+            return None
+        parser = self._parser
+        head = NodeRequest(self, parser.get_method(), self._url, b"HTTP/1.1", self._headers,
+                           b"", False)
+        return refuse_early(head)
+
     def on_body(self, data: bytes) -> None:
-        if self._too_large:
-            return
         self._body_bytes += len(data)
         limit = self.factory.max_body_bytes
         if limit is not None and self._body_bytes > limit:
-            self._too_large = True
             self._body = []
-            return
+            self._refuse(body_too_large(limit))
+            raise HttpParserError("request body too large")
         self._body.append(data)
 
     def on_message_complete(self) -> None:
         self._ended_in_chunk = True
+        self._in_body = False
         if self._closing or self._refused or self._last_read:
             return
         parser = self._parser
@@ -551,7 +617,8 @@ class NodeChannel(Protocol):
         request = NodeRequest(
             self, parser.get_method(), self._url,
             _VERSIONS.get(version) or b"HTTP/" + version.encode("ascii"), self._headers,
-            body[0] if len(body) == 1 else b"".join(body), self._too_large, keep_alive)
+            body if self._body_bytes > JOIN_ABOVE else
+            body[0] if len(body) == 1 else b"".join(body), keep_alive)
         self._reset_message()
         if self._current is None:
             self._current = request
@@ -608,6 +675,8 @@ class NodeChannel(Protocol):
         deadline = self._last_activity + self.factory.idle_timeout
         if self._in_head:
             deadline = min(deadline, self._head_began + self.factory.head_timeout)
+        elif self._in_body:
+            deadline = min(deadline, self._body_began + self.factory.body_timeout)
         self._timer = self._clock.callLater(max(0.0, deadline - now), self._timer_fired)
 
     def _timer_fired(self) -> None:
@@ -626,25 +695,35 @@ class NodeChannel(Protocol):
                 self.linger_timeout, self.transport.abortConnection)
             return
         if self._in_head and now - self._head_began >= factory.head_timeout:
-            self._refuse(HeadTimeout(
+            self._refuse(RequestTimeout(
                 f"request line and headers not received within {factory.head_timeout:g} s"))
+            return
+        if self._in_body and now - self._body_began >= factory.body_timeout:
+            self._refuse(RequestTimeout(
+                f"request body not received within {factory.body_timeout:g} s "
+                f"(program.body_timeout)"))
             return
         self._schedule(now)
 
-    def _refuse(self, error: NodeError) -> None:
+    def _refuse(self, error: NodeError, headers: bytes = b"") -> None:
         """Answer C{error} as JSON outside any request, then end the connection (reading and
         dropping what the client still sends for a while, so that the answer is not lost to
-        a reset)."""
+        a reset).
+
+        @param headers: extra header lines, each ending in CRLF.
+        """
         if self._refused:
             return
         self._refused = True
+        self._in_body = False
         body = error.body()
         reason = _REASONS.get(error.status, b"Error")
         transport = self.transport
         if self._current is None:
             transport.write(
                 b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                b"Connection: close\r\n\r\n%s" % (error.status, reason, len(body), body))
+                b"%sConnection: close\r\n\r\n%s"
+                % (error.status, reason, len(body), headers, body))
         if self._paused:
             self._paused = False
             transport.resumeProducing()
@@ -664,6 +743,7 @@ class NodeSite(ServerFactory):
     @param idle_timeout: seconds a connection may stay silent between requests.
     @param head_timeout: seconds allowed for a request line and headers (default
         C{idle_timeout}).
+    @param body_timeout: seconds allowed for a request body, from the end of its headers.
     @param clock: C{callLater}/C{seconds} provider (the reactor).
     """
 
@@ -672,13 +752,14 @@ class NodeSite(ServerFactory):
 
     def __init__(self, resource, *, max_body_bytes: Optional[int] = None,
                  idle_timeout: float = IDLE_TIMEOUT, head_timeout: Optional[float] = None,
-                 clock: Any = None):
+                 body_timeout: float = BODY_TIMEOUT, clock: Any = None):
         if clock is None:
             from twisted.internet import reactor as clock
         self.resource = resource
         self.max_body_bytes = max_body_bytes
         self.idle_timeout = idle_timeout
         self.head_timeout = idle_timeout if head_timeout is None else head_timeout
+        self.body_timeout = body_timeout
         self.clock = clock
         self.channels: set = set()
         self.lost_waiters: dict = {}
