@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llmnode.devices.interfaces import Device
+from llmnode.observer import OneShotObserver
 
 
 class _PluginState:
@@ -56,9 +57,8 @@ class DeviceMonitor:
         self._plugin_timeout = plugin_timeout
         self._stale_after = stale_after
         self._devices: Mapping[str, Device] = MappingProxyType({})
-        self._known = False
-        self._known_waiters: list[Deferred] = []
-        self._waiting: list[Deferred] = []
+        self._known: OneShotObserver[Mapping[str, Device]] = OneShotObserver()
+        self._next_read: Optional[OneShotObserver[Mapping[str, Device]]] = None
         self._busy = False
         self._loop: Optional[LoopingCall] = None
         self._duplicates: set[tuple[str, str]] = set()
@@ -81,15 +81,11 @@ class DeviceMonitor:
     def known(self) -> bool:
         """Whether the first refresh has ended, so L{devices} is what the machine has (an empty
         snapshot before that means "not read yet", not "no devices")."""
-        return self._known
+        return self._known.fired
 
     def when_known(self) -> Deferred:
         """A new Deferred that fires with the snapshot once L{known} is true."""
-        if self._known:
-            return succeed(self._devices)
-        waiter = Deferred()
-        self._known_waiters.append(waiter)
-        return waiter
+        return self._known.when_fired()
 
     def start(self) -> None:
         """Refresh now and every C{interval} seconds until L{stop}."""
@@ -130,19 +126,20 @@ class DeviceMonitor:
 
         Never fails.
         """
-        waiter = Deferred()
-        self._waiting.append(waiter)
+        if self._next_read is None:
+            self._next_read = OneShotObserver()
+        waiter = self._next_read.when_fired()
         if not self._busy:
             self._read()
         return waiter
 
     def _read(self) -> None:
         self._busy = True
-        waiters, self._waiting = self._waiting, []
+        this_read, self._next_read = self._next_read, None
         reads = [self._query(state) for state in self._states]
-        gatherResults(reads).addBoth(self._finish, waiters)
+        gatherResults(reads).addBoth(self._finish, this_read)
 
-    def _finish(self, result, waiters: list[Deferred]) -> None:
+    def _finish(self, result, this_read: Optional[OneShotObserver]) -> None:
         try:
             if isinstance(result, Failure):
                 self._log.failure("device refresh failed", result)
@@ -151,18 +148,15 @@ class DeviceMonitor:
         except Exception:
             self._log.failure("building the device snapshot failed")
         self._busy = False
-        if not self._known:
-            self._known = True
-            waiters = waiters + self._known_waiters
-            self._known_waiters = []
         for subscriber in self._subscribers:
             try:
                 subscriber(self._devices)
             except Exception:
                 self._log.failure("a device snapshot subscriber failed")
-        for waiter in waiters:
-            waiter.callback(self._devices)
-        if self._waiting and not self._busy:
+        self._known.fire(self._devices)
+        if this_read is not None:
+            this_read.fire(self._devices)
+        if self._next_read is not None and not self._busy:
             self._read()
 
     def _query(self, state: _PluginState) -> Deferred:

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 import llmnode
 from llmnode.launcher import ports, runtime, supervisor
 from llmnode.launcher.logfile import ModelLog
+from llmnode.observer import OneShotObserver
 
 #: How long stop() waits after SIGKILL before it gives up on an unkillable process.
 _KILL_WAIT = 5.0
@@ -121,17 +122,17 @@ class Backend:
         #: The model server's pid (the supervisor's child), once the supervisor reported it.
         self.server_pid: Optional[int] = None
         self._pid_report = b""
-        self._pid_waiters: Optional[list[defer.Deferred]] = []
+        self._pid_done: OneShotObserver[None] = OneShotObserver()
         self.started_at: Optional[float] = None
         self.ready_at: Optional[float] = None
         self.status: Optional[str] = None
         self.returncode: Optional[int] = None
         self._transport = None
-        self._exit_waiters: list[defer.Deferred] = []
-        self._end_waiters: list[defer.Deferred] = []
+        self._exit: OneShotObserver[str] = OneShotObserver()
+        self._pipes_done: OneShotObserver[None] = OneShotObserver()
         self._pipes_open = False
         self._stopping = False
-        self._stop_d: Optional[defer.Deferred] = None
+        self._stopped: Optional[OneShotObserver[None]] = None
         self._stop_requested = False
         self._probing = False
         self._log_mark = 0
@@ -280,8 +281,7 @@ class Backend:
     async def _output_done(self) -> None:
         """Wait (bounded) until the pipes are closed, so the log holds all the output."""
         if self._pipes_open:
-            d = defer.Deferred()
-            self._end_waiters.append(d)
+            d = self._pipes_done.when_fired()
             timer = deferLater(self._reactor, _OUTPUT_WAIT, lambda: None)
             await _first([d, timer])
         self.model_log.flush()
@@ -290,11 +290,7 @@ class Backend:
 
     def exited(self) -> defer.Deferred:
         """A new Deferred that fires with a short status text once the main process exits."""
-        if self.status is not None:
-            return defer.succeed(self.status)
-        d = defer.Deferred()
-        self._exit_waiters.append(d)
-        return d
+        return self._exit.when_fired()
 
     def _output(self, data: bytes, stream: str) -> None:
         try:
@@ -306,11 +302,7 @@ class Backend:
     def _pid_known(self) -> defer.Deferred:
         """Fires once L{server_pid} is read, or can no longer come. The supervisor reports it
         long before the server can answer; only reading the report may still be pending."""
-        if self._pid_waiters is None:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._pid_waiters.append(d)
-        return d
+        return self._pid_done.when_fired()
 
     def _pid_reported(self, data: bytes) -> None:
         self._pid_report = (self._pid_report + data)[:32]
@@ -327,10 +319,7 @@ class Backend:
 
     def _pid_pipe_closed(self) -> None:
         """No (more) pid report can come: release whoever waits for one."""
-        waiters, self._pid_waiters = self._pid_waiters, None
-        for d in waiters or ():
-            if not d.called:  # a cancelled start no longer waits
-                d.callback(None)
+        self._pid_done.fire(None)
 
     def _main_exited(self, reason) -> None:
         try:
@@ -348,10 +337,7 @@ class Backend:
                 self._ensure_stopping()
         except Exception:
             self.log.failure("handling the exit of {model}", model=self.model_id)
-        waiters, self._exit_waiters = self._exit_waiters, []
-        for d in waiters:
-            if not d.called:
-                d.callback(self.status)
+        self._exit.fire(self.status)
 
     def _pipes_closed(self) -> None:
         self._pipes_open = False
@@ -360,10 +346,7 @@ class Backend:
             self.model_log.flush()
         except Exception:
             self.log.failure("flushing the log of {model}", model=self.model_id)
-        waiters, self._end_waiters = self._end_waiters, []
-        for d in waiters:
-            if not d.called:
-                d.callback(None)
+        self._pipes_done.fire(None)
 
     # -- stop -----------------------------------------------------------------------------
 
@@ -374,18 +357,13 @@ class Backend:
         return self._ensure_stopping()
 
     def _ensure_stopping(self) -> defer.Deferred:
-        if self._stop_d is None:
+        if self._stopped is None:
             self._stopping = True
-            self._stop_d = defer.Deferred.fromCoroutine(self._run_stop())
-            self._stop_d.addErrback(self._stop_failed)
-        result = defer.Deferred()
-        self._stop_d.addBoth(self._relay, result)
-        return result
-
-    @staticmethod
-    def _relay(value, target: defer.Deferred):
-        target.callback(value)
-        return value
+            self._stopped = OneShotObserver()
+            stopping = defer.Deferred.fromCoroutine(self._run_stop())
+            stopping.addErrback(self._stop_failed)
+            stopping.addBoth(self._stopped.fire)
+        return self._stopped.when_fired()
 
     def _stop_failed(self, failure) -> None:
         self.log.failure("stopping {model} (pid {pid})", failure, model=self.model_id,
