@@ -6,7 +6,7 @@ C{<runtime_dir>/learned/costs.json}, so that they survive restarts and reloads. 
 C{script_path} and C{required_devices}: a changed command forgets them.
 
 The scheduler places a plan without C{memory_mb} by its learned peak plus a margin; with
-nothing learned the model starts alone on the device (L{placement.UNKNOWN}). A declared figure
+nothing learned the model starts alone on the device (L{UNKNOWN}). A declared figure
 wins, unless the measured peak is larger: then the larger is used and the node warns.
 
 L{group_usage} measures one backend's process group (I/O: run it off the reactor thread).
@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Callable, Iterable, Mapping, Optional
-
-import psutil
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional
 
 from llmnode.config import Model, Plan
-from llmnode.devices.interfaces import Device
-from llmnode.placement import UNKNOWN
+
+if TYPE_CHECKING:
+    from llmnode.devices.interfaces import Device
+
+#: A need nobody knows yet (no C{memory_mb} and nothing learned): the model starts alone on
+#: the device and reserves all the memory it has free then (see L{llmnode.placement}).
+UNKNOWN = math.inf
 
 _MB = 1024 * 1024
 _VERSION = 1
@@ -199,14 +203,18 @@ def _key(plan: Plan, requirement: str) -> Optional[str]:
     return None
 
 
-def group_usage(pgid: int, devices: Mapping[str, Device],
-                members: Callable[[int], list], process=psutil.Process) -> dict[str, float]:
+def group_usage(pgid: int, devices: Mapping[str, "Device"],
+                members: Callable[[int], list], process=None) -> dict[str, float]:
     """MB each device holds for the processes of group C{pgid}: what the device reports per
     process where it reports processes (NVML), else, on a C{cpu} device, their resident
     memory (psutil). Blocking: run it in a thread.
 
     @param members: C{members(pgid)} lists the group's pids.
+    @param process: C{psutil.Process} (tests pass a fake).
     """
+    import psutil  # here, not above: C{llmnode check} reads costs without psutil installed
+
+    process = process or psutil.Process
     pids = set(members(pgid))
     usage: dict[str, float] = {}
     if not pids:

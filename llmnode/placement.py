@@ -6,12 +6,12 @@ figures are in MB.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 from llmnode.config import Model, Plan
+from llmnode.costs import UNKNOWN
 from llmnode.devices.interfaces import Device
 
 #: Seconds of reload time that weigh as much as the memory a model holds (L{eviction_score}).
@@ -28,11 +28,6 @@ def matches(requirement: str, device: Device) -> bool:
     """
     wanted = requirement.strip().lower()
     return bool(wanted) and (wanted == device.id.lower() or wanted in device.name.lower())
-
-
-#: A need nobody knows yet (no C{memory_mb} and nothing learned): the model starts alone on
-#: the device and reserves all the memory it has free then.
-UNKNOWN = math.inf
 
 
 def need_mb(plan: Plan, requirement: str) -> float:
