@@ -26,6 +26,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -193,6 +194,7 @@ def main() -> None:
             node.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(node.pid, signal.SIGKILL)
+        shutil.rmtree(workdir, ignore_errors=True)
     commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
                             capture_output=True, text=True).stdout.strip()
     lines = [f"big_body: {args.mb:g} MB bodies, commit {commit}, {os.cpu_count()} CPUs, "
