@@ -195,7 +195,7 @@ class Program:
     turn_max: float = 60.0
     turn_time: Optional[float] = None
     priority_step: float = 10.0
-    idle_grace: float = 0.5
+    idle_grace: float = 0.25
     memory_margin: float = 0.1
     connect_burst: int = 4
     api_keys: tuple[str, ...] = ()
@@ -287,7 +287,7 @@ PROGRAM_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
                               "deriving it from swap costs"),
     "priority_step": KeyDoc(10, "seconds of waiting that one point of a model's priority "
                                 "is worth"),
-    "idle_grace": KeyDoc(0.5, "seconds with nothing in flight after which a model within "
+    "idle_grace": KeyDoc(0.25, "seconds with nothing in flight after which a model within "
                               "its turn counts as idle and makes room at once (shorter gaps "
                               "are clients between two requests)"),
     "memory_margin": KeyDoc(0.1, "a plan without memory_mb is placed by its learned peak "

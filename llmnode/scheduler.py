@@ -98,7 +98,7 @@ class Policy:
     turn_max: float = 60.0
     turn_time: Optional[float] = None
     priority_step: float = 10.0
-    idle_grace: float = 0.5
+    idle_grace: float = 0.25
     memory_margin: float = 0.1
     recheck_interval: float = 5.0
     reclaim_interval: float = 0.1
