@@ -189,11 +189,16 @@ def _stop_run(run_id: Optional[str], pgid: Optional[int]) -> None:
     def left() -> list:
         return run_members(run_id) if pgid is None else escaped_members(run_id, pgid)
 
-    signal_all(left(), signal.SIGTERM)
-    deadline = time.monotonic() + _TERM_WAIT
-    while left() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    signal_all(left(), signal.SIGKILL)
+    for signum, wait in ((signal.SIGTERM, _TERM_WAIT), (signal.SIGKILL, _KILL_WAIT)):
+        pids = left()
+        if not pids:
+            return
+        signal_all(pids, signum)
+        # A killed process is gone only once the kernel has torn it down: wait for that too,
+        # so that its port and memory are free when reclaim returns.
+        deadline = time.monotonic() + wait
+        while left() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def _remove(path: str, log) -> None:
