@@ -8,15 +8,23 @@ import dataclasses
 import hashlib
 import json
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llmnode.config import Program
 from llmnode.errors import BadRequest
+from llmnode.web.client import make_client
+from llmnode.web.common import max_body_bytes
 from llmnode.web.multipart import boundary_of, form_fields
+from llmnode.web.proxy import mount
+from llmnode.web.root import Root
 from tests.support.backends import ScriptedBackend
 from tests.support.demo import spawn_demo
-from tests.support.fake_node import FakeRuntime, model
-from tests.support.net import http_client, http_request, listen, parse_response, raw_connect
+from tests.support.fake_node import FakeNode, FakeRuntime, model
+from tests.support.net import (
+    http_client, http_request, listen, listen_node, parse_response, raw_connect)
 from tests.support.proxy import serve_proxy
 
 BOUNDARY = "llmnode-test-boundary"
@@ -287,3 +295,93 @@ class FilterTests(EndpointCase):
         self.assertEqual(len(backend.exchanges), 1)
         await runtime.when_idle()
 
+
+
+class Receiver(Protocol):
+    """A bare backend that reads what it is sent and never answers."""
+
+    def __init__(self):
+        self.received = 0
+        self.lost: Deferred = Deferred()
+        self._wanted: list = []
+
+    def dataReceived(self, data):
+        self.received += len(data)
+        for wanted in [w for w in self._wanted if self.received >= w[0]]:
+            self._wanted.remove(wanted)
+            wanted[1].callback(self.received)
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+    def when_received(self, count: int) -> Deferred:
+        waiter: Deferred = Deferred()
+        self._wanted.append((count, waiter))
+        return waiter
+
+
+class StreamedUploadTests(EndpointCase):
+    """A large upload reaches the backend as it arrives (through the node's own server, root
+    and client), with the same answers as a small one."""
+
+    def serve(self, runtimes, program=Program()):
+        http, agent = make_client(reactor)
+        self.addCleanup(agent.closeCachedConnections)
+        root = Root()
+        v1 = mount(root, FakeNode(runtimes), http, reactor, program)
+        self.addCleanup(v1.close)
+        _, port = listen_node(self, root, max_body_bytes=max_body_bytes(program.max_body_mb))
+        return port
+
+    async def test_the_backend_gets_the_upload_before_it_ends_and_loses_it_with_the_client(self):
+        backend = Receiver()
+        listening = reactor.listenTCP(0, Factory.forProtocol(lambda: backend),
+                                      interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        address = ("127.0.0.1", listening.getHost().port)
+        runtime = FakeRuntime(model("whisper", "Audio"), lambda: address)
+        port = self.serve([runtime])
+        client = await raw_connect(self, port)
+        client.transport.write(upload_head(20 * 2**20) + b"\0" * 3 * 2**20)
+        await backend.when_received(2 * 2**20)
+        client.transport.abortConnection()
+        await backend.lost
+        await runtime.when_idle()
+        self.assertEqual((runtime.started, runtime.finished), (1, 1))
+
+    async def test_answers_match_a_small_uploads(self):
+        runtime = FakeRuntime(model("whisper", "Audio", upstream_model="org/whisper"),
+                              self.demo())
+        other = FakeRuntime(model("chat", "Chat"), self.demo())
+        port = self.serve([runtime, other])
+        audio = bytes(range(256)) * (6 * 4096)  # 6 MiB
+        digest = hashlib.sha256(audio).hexdigest()
+        for fields in ({"model": "whisper", "file": ("a.wav", audio)},
+                       {"file": ("a.wav", audio), "model": "whisper"}):
+            response, answer = await self.post_form(port, "/v1/audio/transcriptions", fields)
+            self.assertEqual(response.code, 200, answer)
+            self.assertEqual(answer["text"], f"transcribe: {len(audio)} bytes, sha256 {digest}")
+            self.assertEqual(answer["llmnode_echo"]["model"], "org/whisper")
+        for fields, status in (({"model": "chat", "file": ("a.wav", audio)}, 400),
+                               ({"file": ("a.wav", audio)}, 400),
+                               ({"model": "nobody", "file": ("a.wav", audio)}, 404)):
+            client = await raw_connect(self, port)
+            body = form(fields)
+            client.transport.write(http_request(
+                "POST", "/v1/audio/transcriptions", body,
+                {"Content-Type": FORM_TYPE, "Connection": "close"}))
+            await client.lost
+            answer, headers, content, _ = parse_response(client.data)
+            self.assertEqual(answer, status, content)
+            self.assertEqual(json.loads(content)["error"]["param"], "model")
+        self.assertEqual((runtime.spawns, other.spawns), (1, 0))
+        await runtime.when_idle()
+
+
+def upload_head(length: int) -> bytes:
+    """The head of an upload of C{length} bytes, and the form up to its file's bytes."""
+    start = form({"model": "whisper"})[:-len(f"--{BOUNDARY}--\r\n")] + (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="a.wav"\r\n\r\n').encode()
+    return (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: {FORM_TYPE}"
+            f"\r\nContent-Length: {length}\r\n\r\n").encode() + start

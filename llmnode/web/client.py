@@ -107,7 +107,8 @@ class BackendClient(HTTPClient):
     redirects as they are and keeps no cookies. A request made with C{allow_redirects=False}
     and C{unbuffered=True} to a L{BackendURL}, with a cookie jar that keeps nothing
     (L{NoCookies}, also for the client), bytes or no data, and no treq extras (C{params},
-    C{files}, C{json}, C{auth}, C{timeout}), goes straight to the agent, and its answer is the
+    C{files}, C{json}, C{auth}, C{timeout}), goes straight to the agent (a body producer
+    too: an upload streamed as it arrives), and its answer is the
     agent's C{IResponse} itself (read it with C{treq.content}, C{treq.collect} or
     C{deliverBody}; treq's wrapper would add only its convenience methods, at a cost on every
     attribute read). Every other request is treq's own.
@@ -119,7 +120,7 @@ class BackendClient(HTTPClient):
     def request(self, method, url, *, headers=None, data=None, cookies=None,
                 allow_redirects=True, unbuffered=False, **extras):
         if (type(url) is not BackendURL or allow_redirects or not unbuffered or extras
-                or not (data is None or type(data) is bytes)
+                or not (data is None or type(data) is bytes or IBodyProducer.providedBy(data))
                 or not (headers is None or type(headers) is list or type(headers) is Headers)
                 or not (cookies is None or isinstance(cookies, NoCookies))
                 or not isinstance(self._cookiejar, NoCookies)):
@@ -131,8 +132,10 @@ class BackendClient(HTTPClient):
         verb = _VERBS.get(method)
         if verb is None:
             verb = method.encode("ascii").upper()
+        if type(data) is bytes:
+            data = BytesBody(data) if data else None
         return self._agent.request(verb, url.as_bytes(), [] if headers is None else headers,
-                                   BytesBody(data) if data else None)
+                                   data)
 
 
 #: treq's method names as the agent takes them.
@@ -680,17 +683,22 @@ class _Connection(Protocol):
             else b"Content-Length: %d\r\n" % body.length))
         request.body_pending = True
         consumer = _BodyConsumer(self.transport, chunked)
+        # As twisted's HTTP client does: the body is the connection's producer while it is
+        # sent, so that a full connection pauses it.
+        self.transport.registerProducer(body, True)
         done = maybeDeferred(body.startProducing, consumer)
 
         def sent(_):
             if request.body_pending:
                 request.body_pending = False
+                self.transport.unregisterProducer()
                 consumer.finish()
 
         def failed(reason):
             if not request.body_pending:
                 return
             request.body_pending = False
+            self.transport.unregisterProducer()
             if not request.deferred.called:
                 request.deferred.errback(RequestGenerationFailed([reason]))
             if request is self._request:

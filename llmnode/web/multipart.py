@@ -41,27 +41,46 @@ def form_fields(body: bytes, boundary: bytes, names: frozenset) -> dict:
     """Where the values of the form fields C{names} (bytes) lie in C{body}: name -> (start,
     end). A field given twice counts once (the first). Raises L{BadRequest} for a body that
     is not a complete multipart body with this boundary."""
+    return _scan(body, boundary, names, whole=True)
+
+
+def leading_fields(prefix: bytes, boundary: bytes, names: frozenset) -> dict:
+    """L{form_fields} for the beginning of a body still arriving: the fields among C{names}
+    whose parts are complete in C{prefix}. Raises L{BadRequest} where the prefix already
+    shows the body is broken."""
+    return _scan(prefix, boundary, names, whole=False)
+
+
+def _scan(body: bytes, boundary: bytes, names: frozenset, whole: bool) -> dict:
     delimiter = b"\r\n--" + boundary
     if body.startswith(delimiter[2:]):
         position = len(delimiter) - 2
     else:
         found = body.find(delimiter)
         if found < 0:
-            raise BadRequest("broken multipart body: the boundary never appears")
+            if whole:
+                raise BadRequest("broken multipart body: the boundary never appears")
+            return {}
         position = found + len(delimiter)
     fields: dict = {}
     while True:
         if body.startswith(b"--", position):
             return fields
         line_end = body.find(b"\r\n", position)
+        if line_end < 0 and not whole and len(body) - position < 2:
+            return fields
         if line_end < 0 or body[position:line_end].strip(b" \t"):
             raise BadRequest("broken multipart body: a boundary is not followed by a line end")
         head_end = body.find(b"\r\n\r\n", line_end, line_end + _MAX_PART_HEAD)
         if head_end < 0:
+            if not whole and len(body) - line_end < _MAX_PART_HEAD:
+                return fields
             raise BadRequest("broken multipart body: a part's headers never end")
         start = head_end + 4
         end = body.find(delimiter, start)
         if end < 0:
+            if not whole:
+                return fields
             raise BadRequest("broken multipart body: the last part has no closing boundary")
         name = _field_name(body[line_end + 2:head_end])
         if name in names and name not in fields:

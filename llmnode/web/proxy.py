@@ -53,8 +53,9 @@ from llmnode.web.common import (
     with_model,
 )
 from llmnode.web.models import ModelsResource
-from llmnode.web.multipart import boundary_of, form_fields, form_text
+from llmnode.web.multipart import boundary_of, form_fields, form_text, leading_fields
 from llmnode.web.relay import StreamRelay, forwarded_headers
+from llmnode.web.upload import HOLD_LIMIT, BodyStream
 from llmnode.web.server import JOIN_ABOVE, NodeRequest
 
 log = Logger()
@@ -162,6 +163,8 @@ class ProxyEndpoint(Resource):
         self._forwarder = forwarder
         self._endpoint = endpoint
         self._route = forwarder.route_form if form else forwarder.route
+        #: A large upload reaches it as it arrives (L{Forwarder.route_form}).
+        self.streams_uploads = form
 
     def putChild(self, path, child):
         self.isLeaf = False
@@ -293,8 +296,14 @@ class Forwarder:
         if not request.uri.isascii():
             raise BadRequest("the request target must be ASCII (percent-encode it)")
         boundary = boundary_of(request.getHeader(b"Content-Type"))
+        body = getattr(request, "body_stream", None)
+        if body is not None:
+            return self._route_streamed(body, boundary, endpoint)
         raw = read_body(request, self._limit)
-        fields = form_fields(raw, boundary, _FORM_ROUTING)
+        return self._form_routed(raw, form_fields(raw, boundary, _FORM_ROUTING), endpoint)
+
+    def _form_routed(self, raw: bytes, fields: dict, endpoint: str):
+        """C{route_form}'s answer once the form's routing fields are known."""
         if b"model" not in fields:
             raise BadRequest("missing required form field 'model'", param="model")
         runtime = self.runtime_for(form_text(raw, fields[b"model"]), endpoint)
@@ -304,6 +313,44 @@ class Forwarder:
             raw = raw[:start] + upstream.encode("utf-8") + raw[end:]
         stream = fields.get(b"stream")
         return runtime, raw, stream is not None and form_text(raw, stream) == "true"
+
+    def _route_streamed(self, body: BodyStream, boundary: bytes, endpoint: str) -> Deferred:
+        """Route an upload still arriving: once the beginning that holds its C{model} field
+        is here, fire with the runtime and the body (a producer that sends what is held, then
+        the rest as it arrives). A form whose model comes only after a large file is held
+        whole first."""
+        routed: Deferred = Deferred()
+
+        def look() -> None:
+            if routed.called:
+                return
+            if body.failure is not None:
+                body.watch(None)
+                routed.errback(NodeError("the client left before its upload was routed"))
+                return
+            held = body.held()
+            try:
+                if body.complete:
+                    fields = form_fields(held, boundary, _FORM_ROUTING)
+                else:
+                    fields = (leading_fields(held, boundary, _FORM_ROUTING)
+                              if len(held) <= _SCAN_HELD_UP_TO else {})
+                    if b"model" not in fields:
+                        return
+                runtime, edited, streaming = self._form_routed(held, fields, endpoint)
+            except Exception:
+                body.watch(None)
+                routed.errback()
+                return
+            body.watch(None)
+            if edited is not held:
+                body.replace_held(edited)
+            body.hold_at_most(HOLD_LIMIT)
+            routed.callback((runtime, body, streaming))
+
+        body.watch(look)
+        look()
+        return routed
 
     def runtime_for(self, name: str, endpoint: str):
         """The runtime of the model called C{name}, if it serves C{endpoint}; else a
@@ -321,9 +368,11 @@ class Forwarder:
                 f"{ENDPOINTS[endpoint]}", param="model", code="wrong_model_mode")
         return runtime
 
-    def forward(self, request, runtime, body: bytes, streaming: bool = False,
+    def forward(self, request, runtime, body, streaming: bool = False,
                 endpoint: Optional[str] = None, target: Optional[bytes] = None) -> None:
         """Start forwarding the request (the scheduler counts it until its response ends).
+
+        @param body: the bytes to send, or a L{BodyStream} (an upload still arriving).
 
         @param streaming: the client asked for a stream; while it waits for a cold start it
             gets SSE comments, so that it and any proxy in between keep the connection open.
@@ -344,6 +393,10 @@ def _edited(raw: bytes, routing: Routing, model) -> bytes:
 
 #: The form fields L{Forwarder.route_form} reads.
 _FORM_ROUTING = frozenset({b"model", b"stream"})
+
+#: The beginning of a streamed upload is searched for its routing fields while it is at most
+#: this long; beyond, the upload is held whole first.
+_SCAN_HELD_UP_TO = 1024 * 1024
 
 
 class Exchange:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from twisted.web.resource import Resource
+from twisted.web.resource import Resource, getChildForRequest
 
 from llmnode.web.api import ApiResource, HealthResource
 from llmnode.web.auth import Guard
@@ -14,6 +14,7 @@ from llmnode.web.common import ErrorResource
 from llmnode.web.cors import Cors
 from llmnode.web.metrics import MetricsResource
 from llmnode.web.proxy import mount
+from llmnode.web.upload import STREAM_ABOVE
 from llmnode.web.upstream import UpstreamResource
 
 
@@ -54,6 +55,14 @@ class Root(Resource):
             return None
         error, challenge = denied.refusal()
         return error, b"WWW-Authenticate: " + challenge + b"\r\n"
+
+    def streams_body(self, request, length: int) -> bool:
+        """Whether the body of C{request} (its head; C{length} bytes) is to reach its resource
+        as it arrives (see L{llmnode.web.server}): a large upload to an endpoint that streams
+        uploads to its backend."""
+        if length <= STREAM_ABOVE:
+            return False
+        return getattr(getChildForRequest(self, request), "streams_uploads", False)
 
     def getChild(self, path, request):
         return ErrorResource()

@@ -10,7 +10,10 @@ and the request methods its resources use, and does the HTTP itself:
   byte pairs until someone asks for a C{Headers} object;
 - the body is kept in memory up to C{max_body_bytes}; a body announced or growing beyond that
   is answered 413 at once and the connection ends (nothing more of it is read); a large one
-  is handed on in the pieces it arrived in, for the resource to join off the reactor;
+  is handed on in the pieces it arrived in, for the resource to join off the reactor; a large
+  upload that the root resource's C{streams_body} wants streamed is dispatched when its
+  headers end, its body following through a L{BodyStream} as it arrives (a request answered
+  before its body is complete ends the connection);
 - a request with a body that the root resource's C{refuse_early} refuses (a missing or wrong
   key) is answered when its headers end, before any of its body is read, and the connection
   ends;
@@ -48,6 +51,7 @@ from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
 
 from llmnode.errors import BadRequest, MethodNotAllowed, NodeError
+from llmnode.web.upload import BodyStream
 from llmnode.web.common import (
     BODY_TIMEOUT, IDLE_TIMEOUT, MAX_HEAD_BYTES, RequestTimeout, HeadTooLarge, RequestLineTooLong,
     SocketWriter, body_too_large, headers_of, pairs_of, render_error)
@@ -140,6 +144,10 @@ class NodeRequest:
     """
 
     body_too_large = False
+
+    #: The body as it arrives (L{llmnode.web.upload.BodyStream}) when the request was
+    #: dispatched at the end of its headers; None when it was read whole.
+    body_stream = None
 
     def __init__(self, channel: "NodeChannel", method: bytes, uri: bytes, version: bytes,
                  headers: list, body, keep_alive: bool):
@@ -440,6 +448,7 @@ class NodeChannel(Protocol):
         self._reset_message()
 
     def _reset_message(self) -> None:
+        self._stream: Optional[BodyStream] = None
         self._url = b""
         self._headers: list = []
         self._body: list = []
@@ -502,6 +511,8 @@ class NodeChannel(Protocol):
                 call.cancel()
         current, self._current = self._current, None
         self._waiting = []
+        if self._stream is not None:
+            self._stream.lost(Failure(ConnectionLost(str(reason.value))))
         if current is not None:
             current.connection_lost(Failure(ConnectionLost(str(reason.value))))
         lost = self.factory.lost_waiters.pop(self, None)
@@ -581,6 +592,29 @@ class NodeChannel(Protocol):
         if expect is not None and expect.lower() == b"100-continue":
             if self._parser.get_http_version() == "1.1":
                 self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if has_body and declared is not None and declared[6:] and self._current is None:
+            self._dispatch_streaming(declared)  # 7 digits or more: a megabyte or more
+
+    def _dispatch_streaming(self, declared: bytes) -> None:
+        """Render the request now, its body to follow through a L{BodyStream}, when the
+        root resource's C{streams_body} wants that (a large upload); else do nothing."""
+        streams_body = getattr(self.factory.resource, "streams_body", None)
+        if streams_body is None or not declared.strip().isdigit():
+            return
+        length = int(declared)
+        parser = self._parser
+        head = NodeRequest(self, parser.get_method(), self._url, b"HTTP/1.1", self._headers,
+                           b"", False)
+        if not streams_body(head, length):
+            return
+        version = parser.get_http_version()
+        request = NodeRequest(
+            self, parser.get_method(), self._url,
+            _VERSIONS.get(version) or b"HTTP/" + version.encode("ascii"), self._headers, b"",
+            parser.should_keep_alive())
+        self._stream = request.body_stream = BodyStream(self.transport, length)
+        self._current = request
+        request.process()
 
     def _early_refusal(self) -> Optional[tuple]:
         """(error, extra header lines) when the root resource refuses this request from its
@@ -594,6 +628,10 @@ class NodeChannel(Protocol):
         return refuse_early(head)
 
     def on_body(self, data: bytes) -> None:
+        stream = self._stream
+        if stream is not None:
+            stream.received(data)
+            return
         self._body_bytes += len(data)
         limit = self.factory.max_body_bytes
         if limit is not None and self._body_bytes > limit:
@@ -612,6 +650,12 @@ class NodeChannel(Protocol):
         if not keep_alive:
             # Nothing after a request that ends the connection is read (RFC 9112 9.6).
             self._last_read = True
+        stream = self._stream
+        if stream is not None:
+            # Its request was dispatched when its headers ended.
+            self._reset_message()
+            stream.completed()
+            return
         version = parser.get_http_version()
         body = self._body
         request = NodeRequest(
@@ -653,6 +697,10 @@ class NodeChannel(Protocol):
             return
         self._current = None
         self._last_activity = self._clock.seconds()
+        if request.body_stream is not None and self._stream is request.body_stream:
+            # Answered before its body arrived whole: the rest is not worth reading.
+            request.keep_alive = False
+            request.body_stream.stopProducing()
         if not request.keep_alive:
             self._closing = True
             self._waiting = []
