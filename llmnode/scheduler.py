@@ -224,6 +224,16 @@ class Slot:
         return sum(1 for w in self.queue if not w.start)
 
 
+#: The model settings its backend process depends on: a reload that changes any of them
+#: restarts a running backend; other changes apply to it at once.
+BACKEND_FIELDS = ("port", "plans", "health_path", "start_timeout", "stop_timeout")
+
+
+def same_backend(old: Model, new: Model) -> bool:
+    """Whether C{new} runs the same backend process as C{old} (see L{BACKEND_FIELDS})."""
+    return all(getattr(old, name) == getattr(new, name) for name in BACKEND_FIELDS)
+
+
 class Scheduler:
     """Owns every model's queue, the memory ledger and the lifecycle of every model.
 
@@ -507,6 +517,11 @@ class Scheduler:
                 slot.history.reset()
                 if model.auto_start:
                     self._enqueue(slot, Waiter(next(self._tickets), model.id, now, True))
+                continue
+            if slot.pending_model is None and same_backend(slot.model, model):
+                # Only how requests reach it changed (names, endpoints, filters, limits,
+                # scheduling): the running backend stays.
+                slot.model = model
                 continue
             slot.pending_model = model
             if slot.state is not STOPPING and not any(w.start for w in slot.queue):

@@ -393,7 +393,8 @@ class ReloadTests(SynchronousTestCase):
 
     def test_changed_model_restarts_with_the_new_settings(self):
         h = self.running_harness(make_model("a", 1))
-        outcome = h.node.reload(self.new_config(h, make_model("a", 1, aliases=("new",))))
+        outcome = h.node.reload(self.new_config(h, make_model("a", 1, memory=200,
+                                                              aliases=("new",))))
         self.assertEqual(outcome["changed"], ["a"])
         self.assertEqual(h.backends[0].stopped, 1)
         self.assertEqual(len(h.backends), 2, "started again because it was running")
@@ -401,6 +402,17 @@ class ReloadTests(SynchronousTestCase):
         runtime = h.node.lookup("new")
         self.assertEqual(runtime.model.aliases, ("new",))
         self.assertEqual(runtime.state, RUNNING)
+        self.assertEqual(h.reserved("a"), {"cpu": 200})
+
+    def test_a_change_the_backend_does_not_depend_on_applies_without_a_restart(self):
+        h = self.running_harness(make_model("a", 1))
+        outcome = h.node.reload(self.new_config(h, make_model(
+            "a", 1, aliases=("new",), max_concurrency=3, priority=2)))
+        self.assertEqual(outcome["changed"], ["a"])
+        self.assertEqual((h.backends[0].stopped, len(h.backends)), (0, 1),
+                         "names, limits and scheduling settings leave the backend running")
+        runtime = h.node.lookup("new")
+        self.assertEqual((runtime.model.max_concurrency, runtime.state), (3, RUNNING))
 
     def test_changed_model_waits_for_its_requests(self):
         h = self.running_harness(make_model("a", 1))

@@ -27,7 +27,7 @@ class ReloadTests(TestCase):
 
     async def test_reload_keeps_unchanged_models_and_applies_the_rest(self):
         models = {"keep": demo_model(free_port()), "change": demo_model(free_port()),
-                  "drop": demo_model(free_port())}
+                  "drop": demo_model(free_port()), "relabel": demo_model(free_port())}
         service = await start_node(self, models)
         http = http_client(self)
         url = base_url(service)
@@ -39,6 +39,8 @@ class ReloadTests(TestCase):
         def update(document):
             local = document["Local-Models"]
             local["change"]["aliases"] = ["changed-alias"]
+            local["change"]["start_timeout"] = 60
+            local["relabel"]["aliases"] = ["other-name"]
             del local["drop"]
             local["new"] = demo_model(free_port())
         rewrite(service.config.path, update)
@@ -46,11 +48,14 @@ class ReloadTests(TestCase):
         status, outcome, _ = await post_json(http, url + "/api/config/reload", {})
         self.assertEqual(status, 200, outcome)
         self.assertEqual(outcome["unchanged"], ["keep"])
-        self.assertEqual(outcome["changed"], ["change"])
+        self.assertEqual(outcome["changed"], ["change", "relabel"])
         self.assertEqual(outcome["removed"], ["drop"])
         self.assertEqual(outcome["added"], ["new"])
         _, info = await get_json(http, url + "/api/models/keep/info")
         self.assertEqual(info["pid"], pids["keep"], "an unchanged model keeps its process")
+        _, info = await get_json(http, url + "/api/models/other-name/info")
+        self.assertEqual((info["pid"], info["state"]), (pids["relabel"], "running"),
+                         "a new name alone needs no restart")
         for _ in range(100):
             _, info = await get_json(http, url + "/api/models/changed-alias/info")
             if info["state"] == "running" and info["pid"] != pids["change"]:
