@@ -754,6 +754,13 @@ class Scheduler:
                 slot.stop_reason = ""
                 decisions.append(Start(model.id, placement))
                 continue
+            if self._reclaiming(now) and self._fits_by_ledger(model, scratch):
+                # It fits by the ledger: the devices have not reported a model stopped a
+                # moment ago as gone yet. Stopping more models now would be needless.
+                reclaiming = True
+                slot.waiting_for = "memory being given back: " + explain(
+                    model, self.devices, scratch)[:300]
+                continue
             residents = self._residents(slot, now)
             eviction = plan_eviction(model, self.devices, scratch, residents, now, busy_too=True)
             if eviction is None:
@@ -772,13 +779,17 @@ class Scheduler:
             self._make_room(slot, [self.slots[v] for v in victims], now, decisions, wake,
                             needed)
         if reclaiming:
-            recently = (self._last_stop_at is not None
-                        and now - self._last_stop_at < self.policy.reclaim_timeout)
-            wake.append(now + (self.policy.reclaim_interval if recently
+            wake.append(now + (self.policy.reclaim_interval if self._reclaiming(now)
                                else self.policy.recheck_interval))
         elif short:
             wake.append(now + self.policy.recheck_interval)
         return needed
+
+    def _reclaiming(self, now: float) -> bool:
+        """Whether a model stopped recently enough that a device may still report its memory
+        in use (at most C{reclaim_timeout} seconds ago)."""
+        return (self._last_stop_at is not None
+                and now - self._last_stop_at < self.policy.reclaim_timeout)
 
     def _fits_by_ledger(self, model: Model, ledger: Ledger) -> bool:
         """Whether C{model} would fit now if the devices reported all that the ledger leaves."""

@@ -57,6 +57,16 @@ class LearnedCostsTests(TestCase):
         self.assertLessEqual(lab["reserved_mb"], lab["total_mb"], "never double-booked")
         return lab["reserved_mb"]
 
+    async def settled(self) -> None:
+        """Wait until the device reports only what the running models use (a stopped
+        model's memory given back), as a real device does some time after a stop."""
+        for _ in range(100):
+            _, devices = await get_json(self.http, self.url + "/api/devices")
+            [lab] = [d for d in devices["devices"] if d["id"] == "lab0"]
+            if lab["free_mb"] >= lab["total_mb"] - lab["reserved_mb"] - 50:
+                return
+            await sleep(0.1)
+
     async def states(self) -> dict:
         return {m: (await self.info(m))["state"] for m in "abc"}
 
@@ -74,6 +84,7 @@ class LearnedCostsTests(TestCase):
             self.assertEqual(running, [name], "alone while nothing is known")
         # Known now: two fit together by their learned figures, the third does not.
         await self.chat("a")
+        await self.settled()
         await self.chat("b")
         self.assertEqual((await self.states())["a"], "running")
         self.assertEqual((await self.states())["b"], "running")

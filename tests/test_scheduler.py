@@ -243,6 +243,22 @@ class TurnTests(SynchronousTestCase):
         w.apply(w.s.devices_changed(cpu(1000, free=1000), w.now))
         self.assertEqual(w.starts, ["a", "b"])
 
+    def test_memory_not_yet_given_back_stops_no_other_model(self):
+        w = World([model("a", mb=400), model("b", mb=400), model("c", mb=400)])
+        for name in "ab":
+            w.request(name)
+            w.ready(name)
+            w.finish(name)
+        w.advance(1)
+        w.request("c")
+        self.assertEqual(len(w.stops), 1, "one of them makes room")
+        w.apply(w.s.devices_changed(cpu(1000, free=100), w.now))
+        w.stopped(w.stops[0][0])
+        self.assertEqual(len(w.stops), 1, "the device lags behind the stop: nobody else stops")
+        self.assertEqual(w.starts, ["a", "b"])
+        w.apply(w.s.devices_changed(cpu(1000, free=500), w.now))
+        self.assertEqual(w.starts, ["a", "b", "c"])
+
     def test_an_operator_stop_drains_and_a_start_of_another_port_holder_waits(self):
         w = World([model("a", mb=100, port=5), model("b", mb=100, port=5)])
         w.request("a")
