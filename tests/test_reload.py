@@ -33,7 +33,8 @@ class ReloadTests(TestCase):
         url = base_url(service)
         pids = {}
         for name in models:
-            _, info, _ = await post_json(http, url + f"/api/models/{name}/start", {})
+            status, info, _ = await post_json(http, url + f"/api/models/{name}/start", {})
+            self.assertEqual(status, 200, info)
             pids[name] = info["pid"]
 
         def update(document):
