@@ -25,7 +25,7 @@ from llmnode.launcher import Backend, ModelLog, ports, reclaim
 from llmnode.launcher.supervisor import group_members
 from llmnode.logs import LogBuffer
 from llmnode.node import Node, backend_environment
-from llmnode.placement import Placement
+from llmnode.placement import Placement, free_mb
 from llmnode.sweeper import Sweeper
 from llmnode.web.api import log_warnings, reload_config
 from llmnode.web.client import BackendAgent, make_client
@@ -242,7 +242,7 @@ class NodeService(MultiService):
                 "id": device.id, "kind": device.kind, "name": device.name,
                 "total_mb": device.total_mb, "free_mb": device.free_mb,
                 "reserved_mb": reserved,
-                "available_mb": max(0.0, min(device.free_mb, device.total_mb - reserved)),
+                "available_mb": free_mb(device, ledger),
                 "utilization": device.utilization, "temperature": device.temperature,
                 "models": dict(ledger.holders(device.id)),
             })
