@@ -21,7 +21,7 @@ import difflib
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import yaml
@@ -207,6 +207,25 @@ class Program:
     cors_origins: tuple[str, ...] = ()
     body_timeout: float = 300.0
     strict_config: bool = False
+
+    @property
+    def runtime_folder(self) -> str:
+        """C{runtime_dir}, or its default where it is unset (a Program not read from a file)."""
+        return self.runtime_dir or default_runtime_dir(self.log_dir)
+
+    def with_log_dir(self, log_dir: str) -> Program:
+        """This program writing its logs to C{log_dir}; a defaulted C{runtime_dir} moves
+        along (it stays beside the log folder), a configured one stays."""
+        runtime_dir = self.runtime_dir
+        if runtime_dir == default_runtime_dir(self.log_dir):
+            runtime_dir = default_runtime_dir(log_dir)
+        return replace(self, log_dir=log_dir, runtime_dir=runtime_dir)
+
+
+def default_runtime_dir(log_dir: str) -> str:
+    """Where runtime state goes when C{program.runtime_dir} is unset: a C{run} folder beside
+    the log folder."""
+    return os.path.join(os.path.dirname(log_dir), "run")
 
 
 @dataclass(frozen=True)
@@ -589,7 +608,7 @@ class _Checker:
                 values[key] = self.absolute(values[key])
         log_dir = values.setdefault("log_dir", self.absolute(Program.log_dir))
         if values.get("runtime_dir") is None:
-            values["runtime_dir"] = os.path.join(os.path.dirname(log_dir), "run")
+            values["runtime_dir"] = default_runtime_dir(log_dir)
         return Program(**values)
 
     def absolute(self, value: str) -> str:

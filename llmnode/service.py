@@ -66,8 +66,7 @@ class NodeService(MultiService):
         self.reactor = reactor
         self.host = program.host if host is None else host
         self.port = program.port if port is None else port
-        self.runtime_dir = program.runtime_dir or os.path.join(os.path.dirname(program.log_dir),
-                                                               "run")
+        self.runtime_dir = program.runtime_folder
         self.http, self._pool = make_http_client(reactor, connect_burst=program.connect_burst)
         self._plugins = plugins
         self.monitor: Optional[DeviceMonitor] = None
