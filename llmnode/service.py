@@ -16,9 +16,9 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
 
-from llmnode.config import Config, Model
+from llmnode.config import Config, ConfigError, Model, load_config
 from llmnode.costs import CostBook, costs_path, group_usage
-from llmnode.errors import NodeError
+from llmnode.errors import BadRequest, NodeError
 from llmnode.devices.loader import default_plugins
 from llmnode.devices.monitor import DeviceMonitor
 from llmnode.launcher import Backend, ModelLog, ports, reclaim
@@ -27,7 +27,6 @@ from llmnode.logs import LogBuffer
 from llmnode.node import Node, backend_environment
 from llmnode.placement import Placement, free_mb
 from llmnode.sweeper import Sweeper
-from llmnode.web.api import log_warnings, reload_config
 from llmnode.web.client import BackendAgent, make_client
 from llmnode.web.auth import warn_if_open
 from llmnode.web.common import max_body_bytes
@@ -78,7 +77,8 @@ class NodeService(MultiService):
         self._log_publisher = globalLogPublisher if log_publisher is None else log_publisher
         self._node_log_observer = self.node_log.observer(program)
         self.site = NodeSite(build_root(self.node, self.http, reactor, program,
-                                        devices=self.devices_report, node_log=self.node_log,
+                                        devices=self.devices_report,
+                                        reload=self.reload_config, node_log=self.node_log,
                                         model_log=self._model_log, ready=lambda: self.ready),
                              max_body_bytes=max_body_bytes(program.max_body_mb),
                              body_timeout=program.body_timeout, clock=reactor)
@@ -131,10 +131,31 @@ class NodeService(MultiService):
     def reload(self) -> Optional[dict]:
         """Re-read the config file (SIGHUP); an invalid file is logged and changes nothing."""
         try:
-            return reload_config(self.node)
+            return self.reload_config()
         except NodeError as e:
             self.log.error("config reload rejected: {error}", error=e.message)
             return None
+
+    def reload_config(self) -> dict:
+        """Re-read the node's config file and switch to it (see L{Node.reload}); SIGHUP and
+        C{POST /api/config/reload} both come here.
+
+        The outcome carries the file's C{warnings} (unknown keys, ...), which are logged too.
+
+        @raise BadRequest: the file is unreadable or invalid; the old config stays in force.
+        """
+        path = self.node.config.path
+        try:
+            config = load_config(path)
+        except ConfigError as e:
+            raise BadRequest(f"the new config is invalid; the old one stays in force:\n{e}")
+        except OSError as e:
+            raise BadRequest(f"cannot read {path}: {e.strerror or e}; the old config stays "
+                             f"in force")
+        log_warnings(config, self.log)
+        outcome = dict(self.node.reload(config), warnings=list(config.warnings))
+        self.log.info("config reloaded from {path}: {outcome}", path=path, outcome=outcome)
+        return outcome
 
     def _listen(self) -> None:
         if self._listening is None:
@@ -247,3 +268,8 @@ class NodeService(MultiService):
             })
         return report
 
+
+def log_warnings(config: Config, logger: Logger) -> None:
+    """Log each warning of a loaded C{config} (an unknown key is likely a misspelled one)."""
+    for warning in config.warnings:
+        logger.warn("config {path}: {finding}", path=config.path, finding=warning)
