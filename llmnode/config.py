@@ -47,7 +47,7 @@ ENDPOINTS = {
 
 _NATIVE = frozenset({"completion", "infill", "tokenize"})
 
-#: The endpoints each model mode serves (DESIGN.md).
+#: The endpoints each model mode serves (README.rst, *Endpoints by model*).
 MODES = {
     "Chat": frozenset({"chat", "completions", "responses", "messages"}) | _NATIVE,
     "Base": frozenset({"completions"}) | _NATIVE,
