@@ -9,8 +9,10 @@ mapping of model id to model) and the original project's layout (models as top-l
 beside C{program}). A model mapping's keys are the model keys below; any other key whose value
 is a mapping with C{required_devices} is a hardware plan (tried in file order).
 
-The keys, their defaults and meaning are data: L{PROGRAM_KEYS}, L{MODEL_KEYS}, L{PLAN_KEYS}
-(name -> L{KeyDoc}). Relative paths are taken against the config file's folder. A string
+Each key is declared once, as a field of L{Program}, L{Model} or L{Plan} (see L{_key}):
+its default, meaning and reader; L{PROGRAM_KEYS}, L{MODEL_KEYS} and L{PLAN_KEYS} (name ->
+L{KeyDoc}) are read from those fields, and README's tables are checked against them by the
+tests. Relative paths are taken against the config file's folder. A string
 C{${env:NAME}} in C{api_keys}, C{admin_api_keys} or a plan's C{env} values is replaced by the
 environment variable NAME.
 """
@@ -18,10 +20,11 @@ environment variable NAME.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import yaml
@@ -47,7 +50,7 @@ ENDPOINTS = {
 
 _NATIVE = frozenset({"completion", "infill", "tokenize"})
 
-#: The endpoints each model mode serves (DESIGN.md).
+#: The endpoints each model mode serves (README.rst, *Endpoints by model*).
 MODES = {
     "Chat": frozenset({"chat", "completions", "responses", "messages"}) | _NATIVE,
     "Base": frozenset({"completions"}) | _NATIVE,
@@ -96,120 +99,6 @@ def _frozen(mapping=None) -> Mapping:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """One hardware plan of a model: what it needs and how to start it.
-
-    @ivar memory_mb: device name (as written in required_devices) -> MB.
-    """
-
-    name: str
-    required_devices: tuple[str, ...]
-    script_path: str
-    memory_mb: Mapping[str, float] = field(default_factory=_frozen)
-    env: Mapping[str, str] = field(default_factory=_frozen)
-    stop_command: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class Model:
-    """One model the node can serve. Times are in seconds except alive_time (minutes)."""
-
-    id: str
-    mode: str
-    port: int
-    plans: tuple[Plan, ...]
-    aliases: tuple[str, ...] = ()
-    auto_start: bool = False
-    alive_time: Optional[float] = None
-    start_timeout: float = 300.0
-    health_path: Optional[str] = None
-    upstream_model: Optional[str] = None
-    stop_timeout: float = 10.0
-    max_concurrency: Optional[int] = None
-    max_queue: int = 1000
-    priority: float = 0.0
-    turn_time: Optional[float] = None
-    endpoints: Optional[frozenset] = None
-    strip_params: tuple[str, ...] = ()
-    # Values may be lists or mappings (unhashable): compared, not hashed.
-    set_params: Mapping[str, Any] = field(default_factory=_frozen, hash=False)
-    default_params: Mapping[str, Any] = field(default_factory=_frozen, hash=False)
-    #: Whether a JSON body sent to the backend differs from the client's (C{upstream_model}
-    #: or a parameter filter): one test on the proxy's path instead of four.
-    edits_body: bool = field(init=False, repr=False, compare=False, default=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "edits_body", bool(
-            self.upstream_model is not None or self.strip_params or self.set_params
-            or self.default_params))
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """The id followed by every alias."""
-        return (self.id,) + self.aliases
-
-    @property
-    def served(self) -> frozenset:
-        """The endpoints this model serves: its C{endpoints} list, else its mode's."""
-        if self.endpoints is not None:
-            return self.endpoints
-        return MODES.get(self.mode, frozenset())
-
-    def serves(self, endpoint: str) -> bool:
-        """Whether this model serves C{endpoint} (a key of L{ENDPOINTS})."""
-        if self.endpoints is not None:
-            return endpoint in self.endpoints
-        return endpoint in MODES.get(self.mode, ())
-
-    def edit_body(self, body: dict) -> dict:
-        """C{body} as the backend gets it: C{strip_params} removed, C{default_params} added
-        where absent, C{set_params} set, and the model renamed to C{upstream_model}."""
-        for key in self.strip_params:
-            body.pop(key, None)
-        for key, value in self.default_params.items():
-            body.setdefault(key, value)
-        body.update(self.set_params)
-        if self.upstream_model is not None:
-            body["model"] = self.upstream_model
-        return body
-
-
-@dataclass(frozen=True)
-class Program:
-    """Node-wide settings (the C{program} section). Paths are absolute once loaded."""
-
-    host: str = "0.0.0.0"
-    port: int = 8080
-    log_level: str = "INFO"
-    alive_time: float = 30.0
-    device_plugin_dir: Optional[str] = None
-    log_dir: str = "logs"
-    runtime_dir: Optional[str] = None
-    max_body_mb: float = 64.0
-    health_interval: float = 0.05
-    stream_idle_timeout: float = 300.0
-    backend_header_timeout: float = 600.0
-    queue_timeout: float = 600.0
-    turn_factor: float = 2.0
-    turn_min: float = 2.0
-    turn_max: float = 60.0
-    turn_time: Optional[float] = None
-    priority_step: float = 10.0
-    idle_grace: float = 0.25
-    memory_margin: float = 0.1
-    connect_burst: int = 4
-    api_keys: tuple[str, ...] = ()
-    admin_api_keys: tuple[str, ...] = ()
-    open_health: bool = True
-    shutdown_timeout: float = 30.0
-    log_format: str = "text"
-    metrics_auth: bool = True
-    cors_origins: tuple[str, ...] = ()
-    body_timeout: float = 300.0
-    strict_config: bool = False
-
-
-@dataclass(frozen=True)
 class Config:
     """A loaded configuration file.
 
@@ -249,116 +138,23 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class KeyDoc:
-    """Documentation of one config key: its default (as written in YAML) and meaning."""
+    """One config key as declared (see L{_key}): its default (as written in YAML), meaning,
+    the default as the README's tables show it, and the reader the checker converts its
+    value with."""
 
     default: Any
     meaning: str
     required: bool = False
+    shown: str = ""
+    read: Optional[Reader] = field(default=None, compare=False, repr=False)
 
-
-PROGRAM_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
-    "host": KeyDoc("0.0.0.0", "address the node listens on"),
-    "port": KeyDoc(8080, "port the node listens on (1-65535)"),
-    "log_level": KeyDoc("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)"),
-    "log_format": KeyDoc("text", "log line format: text or json"),
-    "alive_time": KeyDoc(30, "minutes a model may stay idle before it is stopped "
-                             "(fractions ok); 0 = never"),
-    "device_plugin_dir": KeyDoc(None, "optional folder of extra device plugins (*.py)"),
-    "log_dir": KeyDoc("logs", "folder for the node's and the backends' logs"),
-    "runtime_dir": KeyDoc(None, "folder for runtime state; default: a 'run' folder "
-                                "beside log_dir"),
-    "max_body_mb": KeyDoc(64, "largest request body accepted, in MB"),
-    "health_interval": KeyDoc(0.05, "seconds between health probes of a starting "
-                                    "backend (> 0, <= 1)"),
-    "stream_idle_timeout": KeyDoc(300, "seconds a backend stream may stay silent "
-                                       "before it is aborted"),
-    "backend_header_timeout": KeyDoc(600, "seconds to wait for a backend's response "
-                                          "headers"),
-    "queue_timeout": KeyDoc(600, "seconds a request may wait in its model's queue for other "
-                                 "models' turns and memory before a 503 (0 = fail at once; "
-                                 "waiting for its own model to load is bounded by "
-                                 "start_timeout instead)"),
-    "turn_factor": KeyDoc(2, "a busy model keeps its turn for this many times the swap it "
-                             "would cost (its stop plus the waiting model's load, as "
-                             "measured)"),
-    "turn_min": KeyDoc(2, "shortest turn, in seconds"),
-    "turn_max": KeyDoc(60, "longest turn, in seconds"),
-    "turn_time": KeyDoc(None, "fixed turn length in seconds for every model, instead of "
-                              "deriving it from swap costs"),
-    "priority_step": KeyDoc(10, "seconds of waiting that one point of a model's priority "
-                                "is worth"),
-    "idle_grace": KeyDoc(0.25, "seconds with nothing in flight after which a model within "
-                              "its turn counts as idle and makes room at once (shorter gaps "
-                              "are clients between two requests)"),
-    "memory_margin": KeyDoc(0.1, "a plan without memory_mb is placed by its learned peak "
-                                 "times 1 + memory_margin"),
-    "connect_burst": KeyDoc(4, "most connections being opened to one backend at once; "
-                               "further requests wait for one of them or for a kept-alive "
-                               "connection"),
-    "shutdown_timeout": KeyDoc(30, "seconds the node drains in-flight requests when "
-                                   "stopping"),
-    "api_keys": KeyDoc([], "keys required as 'Authorization: Bearer KEY' on /v1 and "
-                           "/rerank, and on /api and /metrics too while admin_api_keys is "
-                           "empty; none = no key needed; ${env:NAME} allowed"),
-    "admin_api_keys": KeyDoc([], "keys required as 'Authorization: Bearer KEY' on /api and "
-                                 "/metrics (not on /v1); empty = api_keys apply there; "
-                                 "${env:NAME} allowed"),
-    "body_timeout": KeyDoc(300, "seconds a client may take to send a request body, from "
-                                "the end of its headers (408 after that)"),
-    "strict_config": KeyDoc(False, "treat warnings (unknown keys) as errors: the node "
-                                   "refuses such a file at start and on reload"),
-    "open_health": KeyDoc(True, "serve the health endpoint without a key"),
-    "metrics_auth": KeyDoc(True, "require a key for the metrics endpoint"),
-    "cors_origins": KeyDoc([], "browser origins allowed to call the node (CORS), e.g. "
-                               "['http://localhost:3000'], or ['*'] for any; empty = no CORS "
-                               "headers, preflights refused"),
-})
 
 #: Program keys that were renamed: old name -> new name (the old one is read, with a warning).
 RENAMED_PROGRAM_KEYS: Mapping[str, str] = FrozenMapping({"placement_wait": "queue_timeout"})
 
-MODEL_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
-    "aliases": KeyDoc([], "other names the model answers to (unique across models)"),
-    "mode": KeyDoc(None, "Chat, Base, Embedding, Reranker, Audio, Speech or Image: which "
-                         "endpoints the model serves", required=True),
-    "port": KeyDoc(None, "port the backend listens on (1-65535, unique)", required=True),
-    "auto_start": KeyDoc(False, "start the model when the node starts"),
-    "alive_time": KeyDoc(None, "minutes idle before stop; default: program.alive_time; "
-                               "0 = never"),
-    "start_timeout": KeyDoc(300, "seconds a backend may take to become healthy"),
-    "health_path": KeyDoc(None, "path probed for readiness; default: /health, falling "
-                                "back to /v1/models"),
-    "upstream_model": KeyDoc(None, "rewrite the request's 'model' field to this"),
-    "stop_timeout": KeyDoc(10, "seconds between SIGTERM and SIGKILL"),
-    "max_concurrency": KeyDoc(None, "most requests forwarded at once (positive); "
-                                    "default: unlimited"),
-    "max_queue": KeyDoc(1000, "most requests waiting in the model's queue (for a start, a "
-                              "turn or a concurrency slot); more get 429"),
-    "priority": KeyDoc(0, "scheduling priority: each point counts as program.priority_step "
-                          "seconds of extra waiting"),
-    "turn_time": KeyDoc(None, "fixed turn length in seconds for this model; default: "
-                              "derived (see program.turn_factor)"),
-    "endpoints": KeyDoc(None, "the endpoints served, overriding the mode's (names: "
-                              + ", ".join(ENDPOINTS) + ")"),
-    "strip_params": KeyDoc([], "keys removed from a JSON request body before it is "
-                               "forwarded"),
-    "set_params": KeyDoc({}, "keys set in a JSON request body before it is forwarded "
-                             "(replacing the client's)"),
-    "default_params": KeyDoc({}, "keys added to a JSON request body where the client sent "
-                                 "none"),
-})
-
-PLAN_KEYS: Mapping[str, KeyDoc] = FrozenMapping({
-    "required_devices": KeyDoc(None, "device ids or product-name parts the plan needs",
-                               required=True),
-    "script_path": KeyDoc(None, "shell command line that starts the backend (run in the "
-                                "config file's folder)", required=True),
-    "memory_mb": KeyDoc({}, "device name (from required_devices) -> MB reserved"),
-    "env": KeyDoc({}, "extra environment for the script; ${env:NAME} allowed"),
-    "stop_command": KeyDoc(None, "optional shell command run to stop the backend"),
-})
 
 _TOP = "(top level)"
+_DOC = "llmnode.config.key"
 _ENV_REF = re.compile(r"\$\{env:([^}]*)\}")
 _BAD = object()
 
@@ -545,16 +341,16 @@ class _Checker:
 
     # -- sections ---------------------------------------------------------------------
 
-    def fields(self, path: str, body: dict, spec, docs: Mapping[str, KeyDoc]):
-        """Read C{spec}'s (key, reader) pairs from C{body}; None when any is bad."""
+    def fields(self, path: str, body: dict, keys: Mapping[str, KeyDoc]):
+        """Read C{keys} from C{body}, each with its reader; None when any is bad."""
         values, ok = {}, True
-        for key, reader in spec:
+        for key, doc in keys.items():
             if key not in body:
-                if docs[key].required:
+                if doc.required:
                     self.problem(path, f"missing required key {key!r}")
                     ok = False
                 continue
-            value = reader(self, _join(path, key), body[key])
+            value = doc.read(self, _join(path, key), body[key])
             if value is _BAD:
                 ok = False
             else:
@@ -581,7 +377,7 @@ class _Checker:
             else:
                 self.warn(_join(path, old), f"renamed to {new}; read as {new}")
                 body[new] = value
-        values = self.fields(path, body, _PROGRAM_SPEC, PROGRAM_KEYS)
+        values = self.fields(path, body, PROGRAM_KEYS)
         if values is None:
             return Program()
         for key in ("device_plugin_dir", "log_dir", "runtime_dir"):
@@ -589,7 +385,7 @@ class _Checker:
                 values[key] = self.absolute(values[key])
         log_dir = values.setdefault("log_dir", self.absolute(Program.log_dir))
         if values.get("runtime_dir") is None:
-            values["runtime_dir"] = os.path.join(os.path.dirname(log_dir), "run")
+            values["runtime_dir"] = default_runtime_dir(log_dir)
         return Program(**values)
 
     def absolute(self, value: str) -> str:
@@ -625,7 +421,7 @@ class _Checker:
                     ok = False
             else:
                 self.unknown(path, key, MODEL_KEYS)
-        values = self.fields(path, body, _MODEL_SPEC, MODEL_KEYS)
+        values = self.fields(path, body, MODEL_KEYS)
         if values is None:
             ok = False
         if not saw_plan:
@@ -644,7 +440,7 @@ class _Checker:
         for key in body:
             if key not in PLAN_KEYS:
                 self.unknown(path, key, PLAN_KEYS)
-        values = self.fields(path, body, _PLAN_SPEC, PLAN_KEYS)
+        values = self.fields(path, body, PLAN_KEYS)
         if values is None:
             ok, values = False, {}
         devices = values.get("required_devices")
@@ -944,62 +740,260 @@ def _env(checker, path, value):
     return _frozen(result) if ok else _BAD
 
 
-_PROGRAM_SPEC = (
-    ("host", _string),
-    ("port", _port),
-    ("log_level", _choice(LOG_LEVELS, str.upper)),
-    ("log_format", _choice(LOG_FORMATS, str.lower)),
-    ("alive_time", _number(0.0)),
-    ("device_plugin_dir", _optional(_string)),
-    ("log_dir", _string),
-    ("runtime_dir", _optional(_string)),
-    ("max_body_mb", _number(0.0, exclusive=True)),
-    ("health_interval", _number(0.0, exclusive=True, maximum=1.0)),
-    ("stream_idle_timeout", _number(0.0, exclusive=True)),
-    ("backend_header_timeout", _number(0.0, exclusive=True)),
-    ("queue_timeout", _number(0.0)),
-    ("turn_factor", _number(0.0)),
-    ("turn_min", _number(0.0)),
-    ("turn_max", _number(0.0, exclusive=True)),
-    ("turn_time", _optional(_number(0.0))),
-    ("priority_step", _number(0.0)),
-    ("idle_grace", _number(0.0)),
-    ("memory_margin", _number(0.0)),
-    ("connect_burst", _integer(1)),
-    ("shutdown_timeout", _number(0.0)),
-    ("body_timeout", _number(0.0, exclusive=True)),
-    ("api_keys", _string_list(_string, "strings", substitute=True)),
-    ("admin_api_keys", _string_list(_string, "strings", substitute=True)),
-    ("open_health", _boolean),
-    ("metrics_auth", _boolean),
-    ("cors_origins", _string_list(_origin, "origins")),
-    ("strict_config", _boolean),
-)
+# -- the keys: each declared once, as a field of its value object -------------------------
 
-_MODEL_SPEC = (
-    ("aliases", _string_list(lambda c, p, v: _name(c, p, v, "alias"), "strings")),
-    ("mode", _mode),
-    ("port", _port),
-    ("auto_start", _boolean),
-    ("alive_time", _optional(_number(0.0))),
-    ("start_timeout", _number(0.0, exclusive=True)),
-    ("health_path", _optional(_health_path)),
-    ("upstream_model", _optional(_string)),
-    ("stop_timeout", _number(0.0)),
-    ("max_concurrency", _optional(_integer(1))),
-    ("max_queue", _integer(0)),
-    ("endpoints", _optional(_endpoints)),
-    ("strip_params", _string_list(_param_name, "parameter names")),
-    ("set_params", _params),
-    ("default_params", _params),
-    ("priority", _number(-1e6)),
-    ("turn_time", _optional(_number(0.0))),
-)
 
-_PLAN_SPEC = (
-    ("required_devices", _string_list(_string, "device names", nonempty=True)),
-    ("script_path", _string),
-    ("memory_mb", _memory),
-    ("env", _env),
-    ("stop_command", _optional(_string)),
-)
+def _key(meaning: str, read: Reader, default: Any = MISSING, *, shown: Optional[str] = None,
+         hash: Optional[bool] = None) -> Any:
+    """Declare a config key: a dataclass field with C{default} (none: the key is required)
+    whose metadata hold the key's L{KeyDoc}, reader included.
+
+    @param shown: the default as the README's tables write it, where the value does not say
+        it (a default that is computed, or inherited from elsewhere).
+    """
+    required = default is MISSING
+    doc = KeyDoc(None if required else _as_written(default), meaning, required=required,
+                 shown=shown or ("(required)" if required else _written(default)), read=read)
+    return field(default=default, hash=hash, metadata={_DOC: doc})
+
+
+def _as_written(value: Any) -> Any:
+    """A default as YAML writes it: lists and mappings instead of tuples and FrozenMappings."""
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def _written(value: Any) -> str:
+    """A default as the README's tables write it."""
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return f"{value:g}"
+    if isinstance(value, str):
+        return value
+    return json.dumps(_as_written(value))
+
+
+def _keys(cls) -> Mapping[str, KeyDoc]:
+    """The config keys declared by the fields of C{cls}, in declaration order."""
+    return FrozenMapping({f.name: f.metadata[_DOC] for f in fields(cls) if _DOC in f.metadata})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One hardware plan of a model: what it needs and how to start it.
+
+    @ivar memory_mb: device name (as written in required_devices) -> MB.
+    """
+
+    name: str
+    required_devices: tuple[str, ...] = _key(
+        "device ids or product-name parts the plan needs",
+        _string_list(_string, "device names", nonempty=True))
+    script_path: str = _key(
+        "shell command line that starts the backend (run in the config file's folder)",
+        _string)
+    memory_mb: Mapping[str, float] = _key(
+        "device name (from required_devices) -> MB reserved", _memory, _frozen())
+    env: Mapping[str, str] = _key(
+        "extra environment for the script; ${env:NAME} allowed", _env, _frozen())
+    stop_command: Optional[str] = _key(
+        "optional shell command run to stop the backend", _optional(_string), None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Model:
+    """One model the node can serve. Times are in seconds except alive_time (minutes)."""
+
+    id: str
+    plans: tuple[Plan, ...]
+    aliases: tuple[str, ...] = _key(
+        "other names the model answers to (unique across models)",
+        _string_list(lambda c, p, v: _name(c, p, v, "alias"), "strings"), ())
+    mode: str = _key(
+        "Chat, Base, Embedding, Reranker, Audio, Speech or Image: which endpoints the model "
+        "serves", _mode)
+    port: int = _key("port the backend listens on (1-65535, unique)", _port)
+    auto_start: bool = _key("start the model when the node starts", _boolean, False)
+    alive_time: Optional[float] = _key(
+        "minutes idle before stop; default: program.alive_time; 0 = never",
+        _optional(_number(0.0)), None, shown="program's")
+    start_timeout: float = _key(
+        "seconds a backend may take to become healthy", _number(0.0, exclusive=True), 300.0)
+    health_path: Optional[str] = _key(
+        "path probed for readiness; default: /health, falling back to /v1/models",
+        _optional(_health_path), None, shown="/health")
+    upstream_model: Optional[str] = _key(
+        "rewrite the request's 'model' field to this", _optional(_string), None)
+    stop_timeout: float = _key("seconds between SIGTERM and SIGKILL", _number(0.0), 10.0)
+    max_concurrency: Optional[int] = _key(
+        "most requests forwarded at once (positive); default: unlimited",
+        _optional(_integer(1)), None, shown="unlimited")
+    max_queue: int = _key(
+        "most requests waiting in the model's queue (for a start, a turn or a concurrency "
+        "slot); more get 429", _integer(0), 1000)
+    endpoints: Optional[frozenset] = _key(
+        "the endpoints served, overriding the mode's (names: " + ", ".join(ENDPOINTS) + ")",
+        _optional(_endpoints), None, shown="(mode's)")
+    strip_params: tuple[str, ...] = _key(
+        "keys removed from a JSON request body before it is forwarded",
+        _string_list(_param_name, "parameter names"), ())
+    # Values may be lists or mappings (unhashable): compared, not hashed.
+    set_params: Mapping[str, Any] = _key(
+        "keys set in a JSON request body before it is forwarded (replacing the client's)",
+        _params, _frozen(), hash=False)
+    default_params: Mapping[str, Any] = _key(
+        "keys added to a JSON request body where the client sent none",
+        _params, _frozen(), hash=False)
+    priority: float = _key(
+        "scheduling priority: each point counts as program.priority_step seconds of extra "
+        "waiting", _number(-1e6), 0.0)
+    turn_time: Optional[float] = _key(
+        "fixed turn length in seconds for this model; default: derived (see "
+        "program.turn_factor)", _optional(_number(0.0)), None, shown="(derived)")
+    #: Whether a JSON body sent to the backend differs from the client's (C{upstream_model}
+    #: or a parameter filter): one test on the proxy's path instead of four.
+    edits_body: bool = field(init=False, repr=False, compare=False, default=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "edits_body", bool(
+            self.upstream_model is not None or self.strip_params or self.set_params
+            or self.default_params))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The id followed by every alias."""
+        return (self.id,) + self.aliases
+
+    @property
+    def served(self) -> frozenset:
+        """The endpoints this model serves: its C{endpoints} list, else its mode's."""
+        if self.endpoints is not None:
+            return self.endpoints
+        return MODES.get(self.mode, frozenset())
+
+    def serves(self, endpoint: str) -> bool:
+        """Whether this model serves C{endpoint} (a key of L{ENDPOINTS})."""
+        if self.endpoints is not None:
+            return endpoint in self.endpoints
+        return endpoint in MODES.get(self.mode, ())
+
+    def edit_body(self, body: dict) -> dict:
+        """C{body} as the backend gets it: C{strip_params} removed, C{default_params} added
+        where absent, C{set_params} set, and the model renamed to C{upstream_model}."""
+        for key in self.strip_params:
+            body.pop(key, None)
+        for key, value in self.default_params.items():
+            body.setdefault(key, value)
+        body.update(self.set_params)
+        if self.upstream_model is not None:
+            body["model"] = self.upstream_model
+        return body
+
+
+@dataclass(frozen=True)
+class Program:
+    """Node-wide settings (the C{program} section). Paths are absolute once loaded."""
+
+    host: str = _key("address the node listens on", _string, "0.0.0.0")
+    port: int = _key("port the node listens on (1-65535)", _port, 8080)
+    log_level: str = _key("DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)",
+                          _choice(LOG_LEVELS, str.upper), "INFO")
+    log_format: str = _key("log line format: text or json", _choice(LOG_FORMATS, str.lower),
+                           "text")
+    alive_time: float = _key(
+        "minutes a model may stay idle before it is stopped (fractions ok); 0 = never",
+        _number(0.0), 30.0)
+    device_plugin_dir: Optional[str] = _key(
+        "optional folder of extra device plugins (*.py)", _optional(_string), None)
+    log_dir: str = _key("folder for the node's and the backends' logs", _string, "logs")
+    runtime_dir: Optional[str] = _key(
+        "folder for runtime state; default: a 'run' folder beside log_dir",
+        _optional(_string), None, shown="run")
+    max_body_mb: float = _key("largest request body accepted, in MB",
+                              _number(0.0, exclusive=True), 64.0)
+    health_interval: float = _key(
+        "seconds between health probes of a starting backend (> 0, <= 1)",
+        _number(0.0, exclusive=True, maximum=1.0), 0.05)
+    stream_idle_timeout: float = _key(
+        "seconds a backend stream may stay silent before it is aborted",
+        _number(0.0, exclusive=True), 300.0)
+    backend_header_timeout: float = _key(
+        "seconds to wait for a backend's response headers", _number(0.0, exclusive=True),
+        600.0)
+    queue_timeout: float = _key(
+        "seconds a request may wait in its model's queue for other models' turns and memory "
+        "before a 503 (0 = fail at once; waiting for its own model to load is bounded by "
+        "start_timeout instead)", _number(0.0), 600.0)
+    turn_factor: float = _key(
+        "a busy model keeps its turn for this many times the swap it would cost (its stop "
+        "plus the waiting model's load, as measured)", _number(0.0), 2.0)
+    turn_min: float = _key("shortest turn, in seconds", _number(0.0), 2.0)
+    turn_max: float = _key("longest turn, in seconds", _number(0.0, exclusive=True), 60.0)
+    turn_time: Optional[float] = _key(
+        "fixed turn length in seconds for every model, instead of deriving it from swap "
+        "costs", _optional(_number(0.0)), None, shown="(derived)")
+    priority_step: float = _key(
+        "seconds of waiting that one point of a model's priority is worth", _number(0.0),
+        10.0)
+    idle_grace: float = _key(
+        "seconds with nothing in flight after which a model within its turn counts as idle "
+        "and makes room at once (shorter gaps are clients between two requests)",
+        _number(0.0), 0.25)
+    memory_margin: float = _key(
+        "a plan without memory_mb is placed by its learned peak times 1 + memory_margin",
+        _number(0.0), 0.1)
+    connect_burst: int = _key(
+        "most connections being opened to one backend at once; further requests wait for "
+        "one of them or for a kept-alive connection", _integer(1), 4)
+    shutdown_timeout: float = _key(
+        "seconds the node drains in-flight requests when stopping", _number(0.0), 30.0)
+    body_timeout: float = _key(
+        "seconds a client may take to send a request body, from the end of its headers (408 "
+        "after that)", _number(0.0, exclusive=True), 300.0)
+    api_keys: tuple[str, ...] = _key(
+        "keys required as 'Authorization: Bearer KEY' on /v1 and /rerank, and on /api and "
+        "/metrics too while admin_api_keys is empty; none = no key needed; ${env:NAME} "
+        "allowed", _string_list(_string, "strings", substitute=True), ())
+    admin_api_keys: tuple[str, ...] = _key(
+        "keys required as 'Authorization: Bearer KEY' on /api and /metrics (not on /v1); "
+        "empty = api_keys apply there; ${env:NAME} allowed",
+        _string_list(_string, "strings", substitute=True), ())
+    open_health: bool = _key("serve the health endpoint without a key", _boolean, True)
+    metrics_auth: bool = _key("require a key for the metrics endpoint", _boolean, True)
+    cors_origins: tuple[str, ...] = _key(
+        "browser origins allowed to call the node (CORS), e.g. ['http://localhost:3000'], or "
+        "['*'] for any; empty = no CORS headers, preflights refused",
+        _string_list(_origin, "origins"), ())
+    strict_config: bool = _key(
+        "treat warnings (unknown keys) as errors: the node refuses such a file at start and "
+        "on reload", _boolean, False)
+
+    @property
+    def runtime_folder(self) -> str:
+        """C{runtime_dir}, or its default where it is unset (a Program not read from a file)."""
+        return self.runtime_dir or default_runtime_dir(self.log_dir)
+
+    def with_log_dir(self, log_dir: str) -> Program:
+        """This program writing its logs to C{log_dir}; a defaulted C{runtime_dir} moves
+        along (it stays beside the log folder), a configured one stays."""
+        runtime_dir = self.runtime_dir
+        if runtime_dir == default_runtime_dir(self.log_dir):
+            runtime_dir = default_runtime_dir(log_dir)
+        return replace(self, log_dir=log_dir, runtime_dir=runtime_dir)
+
+
+def default_runtime_dir(log_dir: str) -> str:
+    """Where runtime state goes when C{program.runtime_dir} is unset: a C{run} folder beside
+    the log folder."""
+    return os.path.join(os.path.dirname(log_dir), "run")
+
+
+PROGRAM_KEYS: Mapping[str, KeyDoc] = _keys(Program)
+MODEL_KEYS: Mapping[str, KeyDoc] = _keys(Model)
+PLAN_KEYS: Mapping[str, KeyDoc] = _keys(Plan)

@@ -16,18 +16,17 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
 
-from llmnode.config import Config, Model
+from llmnode.config import Config, ConfigError, Model, load_config
 from llmnode.costs import CostBook, costs_path, group_usage
-from llmnode.errors import NodeError
+from llmnode.errors import BadRequest, NodeError
 from llmnode.devices.loader import default_plugins
 from llmnode.devices.monitor import DeviceMonitor
 from llmnode.launcher import Backend, ModelLog, ports, reclaim
 from llmnode.launcher.supervisor import group_members
 from llmnode.logs import LogBuffer
 from llmnode.node import Node, backend_environment
-from llmnode.placement import Placement
+from llmnode.placement import Placement, free_mb
 from llmnode.sweeper import Sweeper
-from llmnode.web.api import log_warnings, reload_config
 from llmnode.web.client import BackendAgent, make_client
 from llmnode.web.auth import warn_if_open
 from llmnode.web.common import max_body_bytes
@@ -66,8 +65,7 @@ class NodeService(MultiService):
         self.reactor = reactor
         self.host = program.host if host is None else host
         self.port = program.port if port is None else port
-        self.runtime_dir = program.runtime_dir or os.path.join(os.path.dirname(program.log_dir),
-                                                               "run")
+        self.runtime_dir = program.runtime_folder
         self.http, self._pool = make_http_client(reactor, connect_burst=program.connect_burst)
         self._plugins = plugins
         self.monitor: Optional[DeviceMonitor] = None
@@ -79,7 +77,8 @@ class NodeService(MultiService):
         self._log_publisher = globalLogPublisher if log_publisher is None else log_publisher
         self._node_log_observer = self.node_log.observer(program)
         self.site = NodeSite(build_root(self.node, self.http, reactor, program,
-                                        devices=self.devices_report, node_log=self.node_log,
+                                        devices=self.devices_report,
+                                        reload=self.reload_config, node_log=self.node_log,
                                         model_log=self._model_log, ready=lambda: self.ready),
                              max_body_bytes=max_body_bytes(program.max_body_mb),
                              body_timeout=program.body_timeout, clock=reactor)
@@ -132,10 +131,31 @@ class NodeService(MultiService):
     def reload(self) -> Optional[dict]:
         """Re-read the config file (SIGHUP); an invalid file is logged and changes nothing."""
         try:
-            return reload_config(self.node)
+            return self.reload_config()
         except NodeError as e:
             self.log.error("config reload rejected: {error}", error=e.message)
             return None
+
+    def reload_config(self) -> dict:
+        """Re-read the node's config file and switch to it (see L{Node.reload}); SIGHUP and
+        C{POST /api/config/reload} both come here.
+
+        The outcome carries the file's C{warnings} (unknown keys, ...), which are logged too.
+
+        @raise BadRequest: the file is unreadable or invalid; the old config stays in force.
+        """
+        path = self.node.config.path
+        try:
+            config = load_config(path)
+        except ConfigError as e:
+            raise BadRequest(f"the new config is invalid; the old one stays in force:\n{e}")
+        except OSError as e:
+            raise BadRequest(f"cannot read {path}: {e.strerror or e}; the old config stays "
+                             f"in force")
+        log_warnings(config, self.log)
+        outcome = dict(self.node.reload(config), warnings=list(config.warnings))
+        self.log.info("config reloaded from {path}: {outcome}", path=path, outcome=outcome)
+        return outcome
 
     def _listen(self) -> None:
         if self._listening is None:
@@ -242,9 +262,14 @@ class NodeService(MultiService):
                 "id": device.id, "kind": device.kind, "name": device.name,
                 "total_mb": device.total_mb, "free_mb": device.free_mb,
                 "reserved_mb": reserved,
-                "available_mb": max(0.0, min(device.free_mb, device.total_mb - reserved)),
+                "available_mb": free_mb(device, ledger),
                 "utilization": device.utilization, "temperature": device.temperature,
                 "models": dict(ledger.holders(device.id)),
             })
         return report
 
+
+def log_warnings(config: Config, logger: Logger) -> None:
+    """Log each warning of a loaded C{config} (an unknown key is likely a misspelled one)."""
+    for warning in config.warnings:
+        logger.warn("config {path}: {finding}", path=config.path, finding=warning)

@@ -47,12 +47,7 @@ class Options(usage.Options):
         except OSError as e:
             raise usage.UsageError(f"cannot read config {path}: {e.strerror or e}")
         if self["log-dir"]:
-            program = self.loaded.program
-            log_dir = os.path.abspath(self["log-dir"])
-            runtime_dir = program.runtime_dir
-            if runtime_dir == os.path.join(os.path.dirname(program.log_dir), "run"):
-                runtime_dir = os.path.join(os.path.dirname(log_dir), "run")
-            program = replace(program, log_dir=log_dir, runtime_dir=runtime_dir)
+            program = self.loaded.program.with_log_dir(os.path.abspath(self["log-dir"]))
             self.loaded = replace(self.loaded, program=program)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -122,22 +123,14 @@ class ValidConfigTests(ConfigTestCase):
         self.assertEqual((m.plans[0].memory_mb, m.plans[0].env, m.plans[0].stop_command),
                          ({}, {}, None))
 
-    def test_documented_defaults_match_value_objects(self):
-        """The key tables the README is written from agree with the dataclasses."""
-        program = Program()
-        for key, doc in PROGRAM_KEYS.items():
-            value = getattr(program, key)
-            self.assertEqual(tuple(doc.default) if isinstance(value, tuple) else doc.default,
-                             value, key)
-        m = Model(id="x", mode="Chat", port=1, plans=())
-        for key, doc in MODEL_KEYS.items():
-            if not doc.required:
-                value = getattr(m, key)
-                self.assertEqual(tuple(doc.default) if isinstance(value, tuple)
-                                 else doc.default, value, key)
+    def test_declared_keys(self):
+        """The keys a section cannot do without are required; every key says what it is."""
+        self.assertEqual({k for k, d in MODEL_KEYS.items() if d.required}, {"mode", "port"})
         self.assertEqual({k for k, d in PLAN_KEYS.items() if d.required},
                          {"required_devices", "script_path"})
-        self.assertTrue(all(d.meaning for d in PROGRAM_KEYS.values()))
+        self.assertFalse([k for k, d in PROGRAM_KEYS.items() if d.required])
+        for keys in (PROGRAM_KEYS, MODEL_KEYS, PLAN_KEYS):
+            self.assertTrue(all(d.meaning for d in keys.values()))
 
     def test_every_key_set(self):
         config = self.load(seed(model(extra="""\
@@ -539,6 +532,35 @@ class ProblemTests(ConfigTestCase):
         with self.assertRaises(ConfigError) as caught:
             load_config(path)
         self.assertIn("not UTF-8", str(caught.exception))
+
+
+def readme_table(title: str) -> list[tuple[str, str]]:
+    """The (key, default) rows of the table in README's section C{title}; a row's first
+    cell as written (C{``key``}), its default column's first line."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(llmnode.__file__)),
+                           "README.rst"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    start = next(i for i, line in enumerate(lines[:-1])
+                 if line == title and set(lines[i + 1]) == {"-"})
+    top, head, bottom = [i for i in range(start, len(lines))
+                         if lines[i] and set(lines[i]) == {"=", " "}][:3]
+    columns = [match.start() for match in re.finditer(r"=+", lines[top])]
+    return [(line[:columns[1]].strip(), line[columns[1]:columns[2]].strip())
+            for line in lines[head + 1:bottom] if line and not line[0].isspace()]
+
+
+class ReadmeTableTests(SynchronousTestCase):
+    """README's configuration tables are the reference users read: they must name exactly
+    the declared keys, with the declared defaults."""
+
+    def test_readme_tables_match_declared_keys(self):
+        for title, keys, others in (
+                ("``program``", PROGRAM_KEYS, []),
+                ("A model (under ``Local-Models``)", MODEL_KEYS, [("*any other name*", "")]),
+                ("A hardware plan", PLAN_KEYS, [])):
+            rows = readme_table(title)
+            self.assertEqual(sorted(rows), sorted(
+                [(f"``{key}``", doc.shown) for key, doc in keys.items()] + others), title)
 
 
 class CheckCommandTests(SynchronousTestCase):

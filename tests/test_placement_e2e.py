@@ -96,6 +96,8 @@ class PlacementEndToEndTests(TestCase):
         _, devices = await get_json(self.http, self.url + "/api/devices")
         fake = [d for d in devices["devices"] if d["id"] == "fake0"][0]
         self.assertEqual(fake["reserved_mb"], 5000)
+        self.assertEqual(fake["available_mb"], 8192 - 5000, "what the ledger leaves, the "
+                         "device reporting all of its memory free")
         self.assertEqual(fake["models"], {"b": 5000})
 
     async def test_busy_model_is_evicted_only_after_its_stream_ends(self):

@@ -15,8 +15,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmnode import __version__
-from llmnode.config import ConfigError, load_config
-from llmnode.errors import BadRequest, ModelNotFound, NodeError
+from llmnode.errors import ModelNotFound, NodeError
 from llmnode.lifecycle import STATES, STOPPED
 from llmnode.web.common import (ErrorResource, PendingResponse, method_not_allowed, render_error,
                                 render_json)
@@ -222,33 +221,7 @@ class ReloadResource(_JSONResource):
         self.api = api
 
     def json_POST(self, request):
-        return 200, reload_config(self.api.node)
-
-
-def reload_config(node) -> dict:
-    """Re-read the node's config file and switch to it (see L{llmnode.node.Node.reload}).
-
-    The outcome carries the file's C{warnings} (unknown keys, ...), which are logged too.
-
-    @raise BadRequest: the file is unreadable or invalid; the old config stays in force.
-    """
-    path = node.config.path
-    try:
-        config = load_config(path)
-    except ConfigError as e:
-        raise BadRequest(f"the new config is invalid; the old one stays in force:\n{e}")
-    except OSError as e:
-        raise BadRequest(f"cannot read {path}: {e.strerror or e}; the old config stays in force")
-    log_warnings(config, log)
-    outcome = dict(node.reload(config), warnings=list(config.warnings))
-    log.info("config reloaded from {path}: {outcome}", path=path, outcome=outcome)
-    return outcome
-
-
-def log_warnings(config, logger) -> None:
-    """Log each warning of a loaded C{config} (an unknown key is likely a misspelled one)."""
-    for warning in config.warnings:
-        logger.warn("config {path}: {finding}", path=config.path, finding=warning)
+        return 200, self.api.reload()
 
 
 class ApiResource(_Group):
@@ -259,9 +232,12 @@ class ApiResource(_Group):
         L{llmnode.web.logs.LogSource}); C{model_log} returns a model's, served at
         C{/api/models/{alias}/logs}. None: not served.
     @param ready: whether the node knows its devices yet (health says C{starting} until then).
+    @param reload: re-reads the config file and answers the outcome, or raises the
+        L{NodeError} to answer (see L{llmnode.service.NodeService.reload_config}).
     """
 
     def __init__(self, node, clock, *, devices: Callable[[], list],
+                 reload: Callable[[], dict],
                  started_at: Optional[float] = None, node_log=None,
                  model_log: Optional[Callable] = None,
                  ready: Callable[[], bool] = lambda: True):
@@ -269,6 +245,7 @@ class ApiResource(_Group):
         self.node = node
         self.clock = clock
         self.devices = devices
+        self.reload = reload
         self.model_log = model_log
         if node_log is not None:
             self.putChild(b"logs", LogResource(node_log))

@@ -97,11 +97,12 @@ class CorsRoot(Root):
                        + b"\r\nVary: Origin\r\n")
 
 
-def build_root(node, http, clock, program, *, devices: Callable[[], list], node_log=None,
+def build_root(node, http, clock, program, *, devices: Callable[[], list],
+               reload: Callable[[], dict], node_log=None,
                model_log: Optional[Callable] = None,
                ready: Callable[[], bool] = lambda: True) -> Root:
-    """The whole tree for one node, behind the keys of C{program}; C{node_log} and
-    C{model_log} as L{ApiResource} takes them.
+    """The whole tree for one node, behind the keys of C{program}; C{reload}, C{node_log}
+    and C{model_log} as L{ApiResource} takes them.
 
     @param ready: whether the node knows its devices yet (see L{HealthResource}).
     """
@@ -111,8 +112,8 @@ def build_root(node, http, clock, program, *, devices: Callable[[], list], node_
         root = Root(Guard(program))
     root.proxy = mount(root, node, http, clock, program)
     root.putChild(b"upstream", UpstreamResource(node, root.proxy.forwarder))
-    api = ApiResource(node, clock, devices=devices, node_log=node_log, model_log=model_log,
-                      ready=ready)
+    api = ApiResource(node, clock, devices=devices, reload=reload, node_log=node_log,
+                      model_log=model_log, ready=ready)
     root.putChild(b"api", api)
     root.putChild(b"health", HealthResource(api))
     root.putChild(b"metrics", MetricsResource(node, devices))
