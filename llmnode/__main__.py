@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
-from llmnode.config import ConfigError, load_config
+from llmnode.config import Config, ConfigError, load_config
 from llmnode.costs import CostBook, costs_path
 from llmnode.preflight import key_lines, line_of, script_problems
 
@@ -34,17 +34,18 @@ def check(args: argparse.Namespace) -> int:
             print(f"{where}: {kind}: {message}", file=sys.stderr)
     if problems:
         return 1
+    config = cast(Config, config)  # no problems: it loaded
     count = len(config.models)
     print(f"{args.path}: OK ({count} model{'' if count == 1 else 's'})")
-    for line in cost_lines(config):
-        print(line)
+    for cost_line in cost_lines(config):
+        print(cost_line)
     return 0
 
 
-def cost_lines(config) -> list[str]:
+def cost_lines(config: Config) -> list[str]:
     """Per plan, declared and learned memory and load time, once a node using this config's
     runtime folder has learned any (none before: nothing to compare)."""
-    book = CostBook(costs_path(config.program.runtime_dir))
+    book = CostBook(costs_path(cast(str, config.program.runtime_dir)))  # load_config sets it
     try:
         book.load()
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -66,7 +67,7 @@ def cost_lines(config) -> list[str]:
     return lines
 
 
-def _lines_of_file(path: str) -> dict:
+def _lines_of_file(path: str) -> dict[str, int]:
     """L{key_lines} of the file at C{path}; none when it cannot be read as text."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -101,7 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "func", None) is None:
         top.print_help(sys.stderr)
         return 2
-    return args.func(args)
+    code: int = args.func(args)
+    return code
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import math
 import os
 import re
 from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, cast
 
 import yaml
 
@@ -65,36 +65,36 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 
 
-class FrozenMapping(Mapping):
+class FrozenMapping(Mapping[str, Any]):
     """A read-only, hashable mapping, so value objects holding one stay hashable."""
 
     __slots__ = ("_items",)
 
-    def __init__(self, mapping=None):
+    def __init__(self, mapping: Optional[Mapping[str, Any]] = None) -> None:
         self._items = dict(mapping or {})
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: str) -> Any:
         return self._items[key]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._items)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._items)
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(frozenset(self._items.items()))
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if isinstance(other, Mapping):
             return self._items == dict(other.items())
         return NotImplemented
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"FrozenMapping({self._items!r})"
 
 
-def _frozen(mapping=None) -> Mapping:
+def _frozen(mapping: Optional[Mapping[str, Any]] = None) -> Mapping[str, Any]:
     return FrozenMapping(mapping)
 
 
@@ -127,12 +127,12 @@ class ConfigError(Exception):
     @ivar warnings: the non-fatal findings made on the way.
     """
 
-    def __init__(self, problems, warnings=()):
+    def __init__(self, problems: Iterable[str], warnings: Iterable[str] = ()) -> None:
         self.problems = list(problems)
         self.warnings = list(warnings)
         super().__init__("\n".join(self.problems))
 
-    def __str__(self):
+    def __str__(self) -> str:
         return "\n".join(self.problems)
 
 
@@ -195,7 +195,7 @@ def parse_config(text: str, path: Optional[str] = None, base_dir: str = ".",
     return config
 
 
-def _kind(value) -> str:
+def _kind(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -211,31 +211,31 @@ def _kind(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def _shown(value) -> str:
+def _shown(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _got(value) -> str:
+def _got(value: object) -> str:
     if isinstance(value, (bool, int, float, str)):
         return f"got {_kind(value)} ({_shown(value)})"
     return f"got {_kind(value)}"
 
 
-def _join(path: str, key) -> str:
+def _join(path: str, key: object) -> str:
     return str(key) if not path else f"{path}.{key}"
 
 
-def _suggest(key, known) -> str:
+def _suggest(key: object, known: Iterable[str]) -> str:
     lowered = {k.lower(): k for k in known}
     match = difflib.get_close_matches(str(key).lower(), list(lowered), n=1, cutoff=0.6)
     return f" (did you mean {lowered[match[0]]!r}?)" if match else ""
 
 
-def _duplicate_keys(node, path="") -> Iterator[str]:
+def _duplicate_keys(node: yaml.Node, path: str = "") -> Iterator[str]:
     """Problems for keys written twice in one mapping (PyYAML keeps the last silently)."""
     if isinstance(node, yaml.MappingNode):
-        seen = {}
+        seen: dict[str, int] = {}
         for key_node, value_node in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                 key = key_node.value
@@ -254,7 +254,7 @@ def _duplicate_keys(node, path="") -> Iterator[str]:
 class _Checker:
     """Collects every problem and warning while turning parsed YAML into value objects."""
 
-    def __init__(self, base_dir: str, environ: Mapping[str, str]):
+    def __init__(self, base_dir: str, environ: Mapping[str, str]) -> None:
         self.base_dir = base_dir
         self.environ = environ
         self.problems: list[str] = []
@@ -266,7 +266,7 @@ class _Checker:
     def warn(self, path: str, message: str) -> None:
         self.warnings.append(f"{path}: {message}")
 
-    def unknown(self, path: str, key, known) -> None:
+    def unknown(self, path: str, key: object, known: Iterable[str]) -> None:
         self.warn(_join(path, key), "unknown key" + _suggest(key, known))
 
     # -- document ---------------------------------------------------------------------
@@ -290,7 +290,7 @@ class _Checker:
         return Config(program=program, models=tuple(m for _, m in models),
                       path=path, base_dir=self.base_dir, warnings=tuple(self.warnings))
 
-    def parse_yaml(self, text: str):
+    def parse_yaml(self, text: str) -> Any:
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
@@ -314,7 +314,7 @@ class _Checker:
             loader.dispose()
         return _BAD
 
-    def all_models(self, data: dict) -> list[tuple[str, Model]]:
+    def all_models(self, data: dict[Any, Any]) -> list[tuple[str, Model]]:
         models = []
         section = data.get("Local-Models")
         if "Local-Models" in data and section is not None:
@@ -341,23 +341,25 @@ class _Checker:
 
     # -- sections ---------------------------------------------------------------------
 
-    def fields(self, path: str, body: dict, keys: Mapping[str, KeyDoc]):
+    def fields(self, path: str, body: dict[Any, Any],
+               keys: Mapping[str, KeyDoc]) -> Optional[dict[str, Any]]:
         """Read C{keys} from C{body}, each with its reader; None when any is bad."""
-        values, ok = {}, True
+        values: dict[str, Any] = {}
+        ok = True
         for key, doc in keys.items():
             if key not in body:
                 if doc.required:
                     self.problem(path, f"missing required key {key!r}")
                     ok = False
                 continue
-            value = doc.read(self, _join(path, key), body[key])
+            value = cast(Reader, doc.read)(self, _join(path, key), body[key])  # declared by _key
             if value is _BAD:
                 ok = False
             else:
                 values[key] = value
         return values if ok else None
 
-    def program(self, body) -> Program:
+    def program(self, body: Any) -> Program:
         path = "program"
         if body is None:
             body = {}
@@ -391,7 +393,7 @@ class _Checker:
     def absolute(self, value: str) -> str:
         return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
 
-    def model(self, path: str, model_id, body):
+    def model(self, path: str, model_id: Any, body: Any) -> Any:
         ok = True
         if not isinstance(model_id, str):
             self.problem(path, f"a model id must be a string, {_got(model_id)}")
@@ -430,9 +432,9 @@ class _Checker:
             ok = False
         if not ok:
             return _BAD
-        return Model(id=model_id, plans=tuple(plans), **values)
+        return Model(id=model_id, plans=tuple(plans), **cast("dict[str, Any]", values))
 
-    def plan(self, path: str, name, body: dict):
+    def plan(self, path: str, name: Any, body: dict[Any, Any]) -> Any:
         ok = True
         if not isinstance(name, str) or not name:
             self.problem(path, f"a plan name must be a non-empty string, {_got(name)}")
@@ -485,11 +487,11 @@ class _Checker:
             else:
                 ports[model.port] = model.id
 
-    def substitute(self, path: str, value: str):
+    def substitute(self, path: str, value: str) -> Any:
         """Replace each C{${env:NAME}} in C{value}; _BAD (reported) if one is unset."""
         missing = []
 
-        def lookup(match):
+        def lookup(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in self.environ:
                 missing.append(name)
@@ -503,7 +505,7 @@ class _Checker:
         return _BAD if missing else result
 
 
-def _looks_like_model(body) -> bool:
+def _looks_like_model(body: Any) -> bool:
     return isinstance(body, dict) and (
         "mode" in body or any(isinstance(v, dict) and "required_devices" in v
                               for v in body.values()))
@@ -515,14 +517,14 @@ Reader = Callable[[_Checker, str, Any], Any]
 
 
 def _optional(reader: Reader) -> Reader:
-    def read(checker, path, value):
+    def read(checker: _Checker, path: str, value: Any) -> Any:
         return None if value is None else reader(checker, path, value)
     return read
 
 
 def _number(minimum: float = 0.0, exclusive: bool = False,
             maximum: Optional[float] = None) -> Reader:
-    def read(checker, path, value):
+    def read(checker: _Checker, path: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             checker.problem(path, f"expected a number, {_got(value)}")
             return _BAD
@@ -541,7 +543,7 @@ def _number(minimum: float = 0.0, exclusive: bool = False,
 
 
 def _integer(minimum: int, maximum: Optional[int] = None) -> Reader:
-    def read(checker, path, value):
+    def read(checker: _Checker, path: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             checker.problem(path, f"expected a whole number, {_got(value)}")
             return _BAD
@@ -556,14 +558,14 @@ def _integer(minimum: int, maximum: Optional[int] = None) -> Reader:
 _port = _integer(1, 65535)
 
 
-def _boolean(checker, path, value):
+def _boolean(checker: _Checker, path: str, value: Any) -> Any:
     if not isinstance(value, bool):
         checker.problem(path, f"expected true or false, {_got(value)}")
         return _BAD
     return value
 
 
-def _string(checker, path, value):
+def _string(checker: _Checker, path: str, value: Any) -> Any:
     if not isinstance(value, str):
         checker.problem(path, f"expected a string, {_got(value)}")
         return _BAD
@@ -573,7 +575,7 @@ def _string(checker, path, value):
     return value
 
 
-def _name(checker, path, value, what="name"):
+def _name(checker: _Checker, path: str, value: Any, what: str = "name") -> Any:
     if _string(checker, path, value) is _BAD:
         return _BAD
     if "/" in value:
@@ -582,8 +584,8 @@ def _name(checker, path, value, what="name"):
     return value
 
 
-def _choice(choices, canonical: Callable[[str], str]) -> Reader:
-    def read(checker, path, value):
+def _choice(choices: Iterable[str], canonical: Callable[[str], str]) -> Reader:
+    def read(checker: _Checker, path: str, value: Any) -> Any:
         if isinstance(value, str):
             for choice in choices:
                 if choice.lower() == value.lower():
@@ -593,7 +595,7 @@ def _choice(choices, canonical: Callable[[str], str]) -> Reader:
     return read
 
 
-def _mode(checker, path, value):
+def _mode(checker: _Checker, path: str, value: Any) -> Any:
     if isinstance(value, str):
         for mode in MODES:
             if mode.lower() == value.strip().lower():
@@ -603,7 +605,7 @@ def _mode(checker, path, value):
     return _BAD
 
 
-def _health_path(checker, path, value):
+def _health_path(checker: _Checker, path: str, value: Any) -> Any:
     if _string(checker, path, value) is _BAD:
         return _BAD
     if not value.startswith("/"):
@@ -614,7 +616,7 @@ def _health_path(checker, path, value):
 
 def _string_list(item: Reader, what: str, nonempty: bool = False,
                  substitute: bool = False) -> Reader:
-    def read(checker, path, value):
+    def read(checker: _Checker, path: str, value: Any) -> Any:
         if value is None and not nonempty:
             return ()
         if not isinstance(value, list):
@@ -641,7 +643,7 @@ def _string_list(item: Reader, what: str, nonempty: bool = False,
     return read
 
 
-def _endpoints(checker, path, value):
+def _endpoints(checker: _Checker, path: str, value: Any) -> Any:
     names = _string_list(_string, "endpoint names", nonempty=True)(checker, path, value)
     if names is _BAD:
         return _BAD
@@ -653,7 +655,7 @@ def _endpoints(checker, path, value):
     return frozenset(names)
 
 
-def _param_name(checker, path, value):
+def _param_name(checker: _Checker, path: str, value: Any) -> Any:
     if _string(checker, path, value) is _BAD:
         return _BAD
     if value == "model":
@@ -663,7 +665,7 @@ def _param_name(checker, path, value):
     return value
 
 
-def _params(checker, path, value):
+def _params(checker: _Checker, path: str, value: Any) -> Any:
     if value is None:
         return _frozen()
     if not isinstance(value, dict):
@@ -675,7 +677,7 @@ def _params(checker, path, value):
     return _frozen(value) if ok else _BAD
 
 
-def _origin(checker, path, value):
+def _origin(checker: _Checker, path: str, value: Any) -> Any:
     if _string(checker, path, value) is _BAD:
         return _BAD
     if value != "*" and not re.fullmatch(r"https?://[^/\s]+", value, re.IGNORECASE):
@@ -685,7 +687,7 @@ def _origin(checker, path, value):
     return value.lower() if value != "*" else value
 
 
-def _memory(checker, path, value):
+def _memory(checker: _Checker, path: str, value: Any) -> Any:
     if value is None:
         return _frozen()
     if not isinstance(value, dict):
@@ -708,7 +710,7 @@ def _memory(checker, path, value):
     return _frozen(result) if ok else _BAD
 
 
-def _env(checker, path, value):
+def _env(checker: _Checker, path: str, value: Any) -> Any:
     if value is None:
         return _frozen()
     if not isinstance(value, dict):
@@ -779,7 +781,7 @@ def _written(value: Any) -> str:
     return json.dumps(_as_written(value))
 
 
-def _keys(cls) -> Mapping[str, KeyDoc]:
+def _keys(cls: type) -> Mapping[str, KeyDoc]:
     """The config keys declared by the fields of C{cls}, in declaration order."""
     return FrozenMapping({f.name: f.metadata[_DOC] for f in fields(cls) if _DOC in f.metadata})
 
@@ -837,7 +839,7 @@ class Model:
     max_queue: int = _key(
         "most requests waiting in the model's queue (for a start, a turn or a concurrency "
         "slot); more get 429", _integer(0), 1000)
-    endpoints: Optional[frozenset] = _key(
+    endpoints: Optional[frozenset[str]] = _key(
         "the endpoints served, overriding the mode's (names: " + ", ".join(ENDPOINTS) + ")",
         _optional(_endpoints), None, shown="(mode's)")
     strip_params: tuple[str, ...] = _key(
@@ -860,7 +862,7 @@ class Model:
     #: or a parameter filter): one test on the proxy's path instead of four.
     edits_body: bool = field(init=False, repr=False, compare=False, default=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "edits_body", bool(
             self.upstream_model is not None or self.strip_params or self.set_params
             or self.default_params))
@@ -871,7 +873,7 @@ class Model:
         return (self.id,) + self.aliases
 
     @property
-    def served(self) -> frozenset:
+    def served(self) -> frozenset[str]:
         """The endpoints this model serves: its C{endpoints} list, else its mode's."""
         if self.endpoints is not None:
             return self.endpoints
@@ -883,7 +885,7 @@ class Model:
             return endpoint in self.endpoints
         return endpoint in MODES.get(self.mode, ())
 
-    def edit_body(self, body: dict) -> dict:
+    def edit_body(self, body: dict[str, Any]) -> dict[str, Any]:
         """C{body} as the backend gets it: C{strip_params} removed, C{default_params} added
         where absent, C{set_params} set, and the model renamed to C{upstream_model}."""
         for key in self.strip_params:

@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, cast
 
 from llmnode.config import Model, Plan
 
@@ -59,7 +59,7 @@ class PlanCosts:
     load_s: Optional[float] = None
     peak_mb: dict[str, float] = field(default_factory=dict)
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "load_s": self.load_s,
                 "peak_mb": dict(self.peak_mb)}
 
@@ -70,7 +70,7 @@ class CostBook:
     @param path: the JSON file; None keeps the figures in memory only.
     """
 
-    def __init__(self, path: Optional[str] = None):
+    def __init__(self, path: Optional[str] = None) -> None:
         self.path = path
         self._plans: dict[tuple[str, str], PlanCosts] = {}
         self.dirty = False
@@ -106,7 +106,7 @@ class CostBook:
                 declared = _declared(plan, requirement)
                 if declared is not None:
                     if peak is not None and peak > declared:
-                        memory[_key(plan, requirement)] = peak
+                        memory[cast(str, _key(plan, requirement))] = peak
                 elif peak is not None:
                     memory[requirement] = peak * (1.0 + margin)
                 else:
@@ -117,9 +117,9 @@ class CostBook:
             plans.append(plan)
         return replace(model, plans=tuple(plans)) if changed else model
 
-    def info(self, model: Model) -> dict:
+    def info(self, model: Model) -> dict[str, dict[str, Any]]:
         """Per plan: declared and learned figures (for the API and C{llmnode check})."""
-        result = {}
+        result: dict[str, dict[str, Any]] = {}
         for plan in model.plans:
             costs = self.get(model.id, plan)
             result[plan.name] = {
@@ -177,7 +177,7 @@ class CostBook:
         """Write the file (atomically) if anything changed since the last save."""
         if self.path is None or not self.dirty:
             return
-        models: dict = {}
+        models: dict[str, dict[str, dict[str, Any]]] = {}
         for (model_id, plan_name), costs in sorted(self._plans.items()):
             models.setdefault(model_id, {})[plan_name] = costs.as_json()
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -204,7 +204,7 @@ def _key(plan: Plan, requirement: str) -> Optional[str]:
 
 
 def group_usage(pgid: int, devices: Mapping[str, "Device"],
-                members: Callable[[int], list], process=None) -> dict[str, float]:
+                members: Callable[[int], list[int]], process: Any = None) -> dict[str, float]:
     """MB each device holds for the processes of group C{pgid}: what the device reports per
     process where it reports processes (NVML), else, on a C{cpu} device, their resident
     memory (psutil). Blocking: run it in a thread.

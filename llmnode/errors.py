@@ -17,7 +17,7 @@ class NodeError(Exception):
     code: Optional[str] = None
 
     def __init__(self, message: str, *, param: Optional[str] = None,
-                 code: Optional[str] = None, retry_after: Optional[float] = None):
+                 code: Optional[str] = None, retry_after: Optional[float] = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param

@@ -81,7 +81,7 @@ class Lifecycle:
 
     __slots__ = ("model_id", "state", "since", "reason", "_subscribers", "_next")
 
-    def __init__(self, model_id: str, state: State = STOPPED, now: float = 0.0):
+    def __init__(self, model_id: str, state: State = STOPPED, now: float = 0.0) -> None:
         self.model_id = model_id
         self.state = state
         self.since = now
@@ -116,10 +116,10 @@ class Lifecycle:
     def when(self, *states: State) -> "Deferred[Transition | None]":
         """Fire (with the transition, or None if already there) once in one of C{states}."""
         if self.state in states:
-            d: Deferred = Deferred()
+            d: Deferred[Transition | None] = Deferred()
             d.callback(None)
             return d
-        result: Deferred = Deferred()
+        result: Deferred[Transition | None] = Deferred()
 
         def check(transition: Transition) -> None:
             if result.called:

@@ -11,13 +11,19 @@ import json
 import sys
 from collections import deque
 from datetime import datetime, timezone
-from typing import IO, Callable, Optional
+from typing import IO, TYPE_CHECKING, Any, Callable, Mapping, Optional, cast
 
 from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel,
                             LogLevelFilterPredicate, eventAsText,
                             formatEventAsClassicLogText, textFileLogObserver)
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from twisted.logger import LogEvent
+    from twisted.python.components import Componentized
+
+    from llmnode.config import Program
 
 #: Config level names (C{program.log_level}) -> twisted log levels.
 LEVELS = {
@@ -33,7 +39,7 @@ _LEVEL_NAMES = {level: name for name, level in LEVELS.items()}
 MAX_TEXT = 32768
 
 
-def json_record(event: dict) -> dict:
+def json_record(event: LogEvent) -> dict[str, Any]:
     """The JSON object for one log event: C{time}, C{level}, C{namespace}, C{text}."""
     text = eventAsText(event, includeTimestamp=False, includeSystem=False)
     if len(text) > MAX_TEXT:
@@ -49,10 +55,10 @@ def json_record(event: dict) -> dict:
 class JSONLineObserver:
     """Writes each event to C{stream} as one JSON object and a newline."""
 
-    def __init__(self, stream: IO[str]):
+    def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: LogEvent) -> None:
         try:
             line = json.dumps(json_record(event), ensure_ascii=False, default=str)
         except Exception as e:
@@ -62,8 +68,9 @@ class JSONLineObserver:
         self._stream.flush()
 
 
-def make_observer(program, stream: IO[str]) -> ILogObserver:
+def make_observer(program: Program, stream: IO[str]) -> ILogObserver:
     """The node's observer for C{program.log_format} and C{program.log_level}, on C{stream}."""
+    observer: ILogObserver
     if program.log_format == "json":
         observer = JSONLineObserver(stream)
     else:
@@ -71,12 +78,12 @@ def make_observer(program, stream: IO[str]) -> ILogObserver:
     return FilteringLogObserver(observer, [LogLevelFilterPredicate(LEVELS[program.log_level])])
 
 
-def customised(program) -> bool:
+def customised(program: Program) -> bool:
     """Whether C{program} asks for anything but twistd's own log (plain text, INFO)."""
     return program.log_format != "text" or program.log_level != "INFO"
 
 
-def twistd_log_stream(server_options) -> Optional[IO[str]]:
+def twistd_log_stream(server_options: Optional[Mapping[str, Any]]) -> Optional[IO[str]]:
     """Where twistd would log given its parsed C{ServerOptions}; None where twistd must choose.
 
     C{--logfile PATH} -> that file (rotated like twistd's), C{-n} without it -> stdout, a daemon
@@ -91,10 +98,10 @@ def twistd_log_stream(server_options) -> Optional[IO[str]]:
     nodaemon = bool(server_options.get("nodaemon"))
     if path == "-" or (not path and nodaemon):
         return sys.stdout if nodaemon else None
-    return LogFile.fromFullPath(path or "twistd.log")
+    return cast("IO[str]", LogFile.fromFullPath(path or "twistd.log"))
 
 
-def install_observer(application, program, stream: IO[str]) -> None:
+def install_observer(application: Componentized, program: Program, stream: IO[str]) -> None:
     """Make twistd log through the node's observer (set before twistd starts logging)."""
     application.setComponent(ILogObserver, make_observer(program, stream))
 
@@ -102,7 +109,7 @@ def install_observer(application, program, stream: IO[str]) -> None:
 class Followers:
     """Whoever follows a log: each listener gets every batch of new lines."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._listeners: list[Callable[[list[str]], None]] = []
 
     def __bool__(self) -> bool:
@@ -141,15 +148,15 @@ class LogBuffer:
     Add it to the log publisher with L{observer}, which filters by C{program.log_level}.
     """
 
-    def __init__(self, keep: int = KEPT_LINES):
+    def __init__(self, keep: int = KEPT_LINES) -> None:
         self._kept: deque[str] = deque(maxlen=keep)
         self._followers = Followers()
 
-    def observer(self, program) -> ILogObserver:
+    def observer(self, program: Program) -> ILogObserver:
         """This buffer behind the node's level filter."""
         return FilteringLogObserver(self, [LogLevelFilterPredicate(LEVELS[program.log_level])])
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: LogEvent) -> None:
         try:
             text = formatEventAsClassicLogText(event)
         except Exception:

@@ -12,10 +12,10 @@ import os
 import sys
 from collections import Counter, deque
 from dataclasses import replace
-from typing import Mapping, Optional, Protocol
+from typing import Any, Mapping, Optional, Protocol, Sequence, cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from llmnode.config import Config, Model, Program
@@ -23,11 +23,11 @@ from llmnode.costs import CostBook
 from llmnode.devices.interfaces import Device
 from llmnode.errors import NodeError
 from llmnode.lifecycle import (DRAINING, FAILED, RUNNING, STARTING, STATES, STOPPED, STOPPING,
-                               Lifecycle, State)
+                               Lifecycle, State, Transition)
 from llmnode.observer import OneShotObserver
 from llmnode.placement import Placement
-from llmnode.scheduler import (Arm, CrashHistory, CrashPolicy, Forget, Forward, Policy, Queued,
-                               Reject, Scheduler, Slot, Start, Stop)
+from llmnode.scheduler import (Arm, CrashHistory, CrashPolicy, Decision, Forget, Forward, Policy,
+                               Queued, Reject, Scheduler, Slot, Start, Stop)
 
 __all__ = ["STOPPED", "STARTING", "RUNNING", "DRAINING", "STOPPING", "FAILED", "STATES",
            "CrashHistory", "CrashPolicy", "Node", "ModelRuntime", "NodeEffects",
@@ -42,10 +42,10 @@ class BackendProcess(Protocol):
     async def start(self) -> None:
         """Spawn it and wait until it is healthy; raise if it cannot start."""
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[None]:
         """Stop it (abandoning a start); fire when nothing of it is left."""
 
-    def exited(self) -> defer.Deferred:
+    def exited(self) -> defer.Deferred[str]:
         """Fire with a short status text once its main process exited."""
 
 
@@ -55,13 +55,14 @@ class NodeEffects(Protocol):
     def make_backend(self, model: Model, placement: Placement) -> BackendProcess:
         """A new, unstarted backend for C{model} on C{placement}."""
 
-    def refresh_devices(self) -> defer.Deferred:
-        """Read the devices again; fire with the new C{{id: Device}} snapshot."""
+    def refresh_devices(self) -> defer.Deferred[Optional[Mapping[str, Device]]]:
+        """Read the devices again; fire with the new C{{id: Device}} snapshot (None when
+        there is no device monitor)."""
 
     def log_path(self, model: Model) -> str:
         """The model's log file."""
 
-    def measure(self, pgid: int, devices: Mapping[str, Device]) -> defer.Deferred:
+    def measure(self, pgid: int, devices: Mapping[str, Device]) -> defer.Deferred[dict[str, float]]:
         """Fire with C{{device id: MB}} used by the process group C{pgid} (see
         L{llmnode.costs.group_usage})."""
 
@@ -86,14 +87,14 @@ class Ticket:
 
     __slots__ = ("id", "runtime", "ready", "forwarded", "start")
 
-    def __init__(self, id: int, runtime: "ModelRuntime", start: bool):
+    def __init__(self, id: int, runtime: "ModelRuntime", start: bool) -> None:
         self.id = id
         self.runtime = runtime
         self.start = start
         self.forwarded = False
-        self.ready: defer.Deferred = defer.Deferred(self._cancelled)
+        self.ready: defer.Deferred[tuple[str, int]] = defer.Deferred(self._cancelled)
 
-    def _cancelled(self, _: defer.Deferred) -> None:
+    def _cancelled(self, _: defer.Deferred[tuple[str, int]]) -> None:
         self.runtime.node._leave(self)
 
 
@@ -105,7 +106,7 @@ class ModelRuntime:
 
     log = Logger()
 
-    def __init__(self, node: "Node", slot: Slot):
+    def __init__(self, node: "Node", slot: Slot) -> None:
         self.node = node
         self.slot = slot
         self._id = slot.model.id
@@ -113,7 +114,7 @@ class ModelRuntime:
         self.requests_served = 0
         self.starts = 0
         self.crashes = 0
-        self.responses: Counter = Counter()
+        self.responses: Counter[tuple[str, Optional[int]]] = Counter()
         self.start_durations: deque[float] = deque(maxlen=10_000)
         self.started_at: Optional[float] = None
         self.last_start_duration: Optional[float] = None
@@ -200,7 +201,7 @@ class ModelRuntime:
 
     # -- operators -----------------------------------------------------------------------------
 
-    def start(self) -> defer.Deferred:
+    def start(self) -> defer.Deferred[tuple[str, int]]:
         """Start the model (through its queue, like a request); fire with its (host, port).
 
         An operator's start lifts a crash hold-back.
@@ -212,7 +213,7 @@ class ModelRuntime:
                           model=self._id)
         return self.node._enqueue(self, start=True).ready
 
-    def stop(self, reason: str = "admin") -> defer.Deferred:
+    def stop(self, reason: str = "admin") -> defer.Deferred[Transition | None]:
         """Stop the model: requests in flight finish first (C{admin}, C{reload}); C{idle} only
         stops a model with nothing in flight. Fires once it is stopped (or failed)."""
         node = self.node
@@ -275,7 +276,7 @@ class ModelRuntime:
         self.log.info("stopping {model} (pid {pid}): {reason}", model=self._id,
                       pid=backend.pid, reason=self.lifecycle.reason or reason)
 
-        def gone(_):
+        def gone(_: object) -> None:
             node._apply(node.scheduler.stopped(self._id, node.clock.seconds()))
             node._refresh_soon()  # the memory may be back: the scheduler may place a waiter
 
@@ -305,7 +306,7 @@ class ModelRuntime:
             return None
         return self.node.clock.seconds() - slot.last_used
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """What C{GET /api/models/{alias}/info} shows."""
         placement = self.placement
         backend = self.backend
@@ -339,7 +340,8 @@ class ModelRuntime:
         return info
 
 
-def backend_environment(model: Model, placement, base: Optional[dict] = None) -> dict[str, str]:
+def backend_environment(model: Model, placement: Placement,
+                        base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """The complete environment a backend starts with: inherited, plus llmnode's own."""
     env = dict(os.environ if base is None else base)
     env["LLMNODE_MODEL"] = model.id
@@ -362,9 +364,9 @@ class Node:
 
     log = Logger()
 
-    def __init__(self, config: Config, clock, effects: NodeEffects, *,
+    def __init__(self, config: Config, clock: IReactorTime, effects: NodeEffects, *,
                  crash_policy: CrashPolicy = CrashPolicy(), policy: Optional[Policy] = None,
-                 costs: Optional[CostBook] = None):
+                 costs: Optional[CostBook] = None) -> None:
         self.config = config
         self.clock = clock
         self.effects = effects
@@ -378,10 +380,10 @@ class Node:
                           for model in config.models}
         self._retired: dict[str, ModelRuntime] = {}
         self._tickets: dict[int, Ticket] = {}
-        self._pending: deque = deque()
+        self._pending: deque[Decision] = deque()
         self._applying = False
         self._timer: Optional[IDelayedCall] = None
-        self._idle: Optional[OneShotObserver] = None
+        self._idle: Optional[OneShotObserver[None]] = None
         self._index()
 
     def _index(self) -> None:
@@ -420,10 +422,10 @@ class Node:
             return
         self._measuring = True
         measured = defer.gatherResults(
-            [self.effects.measure(backend.pid, devices) for _, backend, _ in running],
+            [self.effects.measure(cast(int, backend.pid), devices) for _, backend, _ in running],
             consumeErrors=True)
 
-        def record(usages):
+        def record(usages: list[dict[str, float]]) -> None:
             for (runtime, _, placement), usage in zip(running, usages):
                 self._record_usage(runtime, placement, usage)
             self._save_costs()
@@ -462,7 +464,8 @@ class Node:
 
     def _enqueue(self, runtime: ModelRuntime, start: bool) -> Ticket:
         decisions = self.scheduler.arrive(runtime.model.id, self.clock.seconds(), start=start)
-        queued: Queued = decisions[0]
+        queued = decisions[0]
+        assert isinstance(queued, Queued)
         ticket = Ticket(queued.ticket, runtime, start)
         self._tickets[ticket.id] = ticket
         if not self.scheduler.devices_known:
@@ -477,12 +480,14 @@ class Node:
     def _refresh_soon(self) -> None:
         if self.scheduler.closed:
             return
-        self.effects.refresh_devices().addCallback(self.devices_changed).addErrback(
+        # A service without a device monitor (not started) answers None.
+        self.effects.refresh_devices().addCallback(  # type: ignore[call-overload]
+            self.devices_changed).addErrback(
             lambda f: self.log.failure("reading the devices", f))
 
     # -- decisions out -----------------------------------------------------------------------------
 
-    def _apply(self, decisions) -> None:
+    def _apply(self, decisions: Sequence[Decision]) -> None:
         """Carry out C{decisions} in order. Decisions made while carrying them out (a waiter's
         callback may end a request) are queued behind them, never interleaved."""
         if not decisions:
@@ -501,7 +506,7 @@ class Node:
         finally:
             self._applying = False
 
-    def _carry_out(self, decision) -> None:
+    def _carry_out(self, decision: Any) -> None:  # a Decision, told apart by its type
         kind = type(decision)
         if kind is Forward:
             ticket = self._tickets.pop(decision.ticket, None)
@@ -522,12 +527,15 @@ class Node:
             elif not ticket.ready.called:
                 ticket.ready.errback(decision.error)
         elif kind is Start:
-            runtime = self._runtime(decision.model_id)
-            d = defer.Deferred.fromCoroutine(runtime._start(decision.placement))
+            target = self._runtime(decision.model_id)
+            assert target is not None
+            d = defer.Deferred.fromCoroutine(target._start(decision.placement))
             d.addErrback(lambda f: self.log.failure("starting {model}", f,
                                                     model=decision.model_id))
         elif kind is Stop:
-            self._runtime(decision.model_id)._stop(decision.reason)
+            target = self._runtime(decision.model_id)
+            assert target is not None
+            target._stop(decision.reason)
         elif kind is Forget:
             self._retired.pop(decision.model_id, None)
         elif kind is Arm:
@@ -545,7 +553,7 @@ class Node:
         d = self.effects.refresh_devices()
         d.addErrback(lambda f: self.log.failure("reading the devices", f))
 
-        def then(devices):
+        def then(devices: Optional[Mapping[str, Device]]) -> None:
             if devices is not None:
                 self._apply(self.scheduler.devices_changed(devices, self.clock.seconds()))
             self._apply(self.scheduler.tick(self.clock.seconds()))
@@ -554,7 +562,7 @@ class Node:
 
     # -- the whole node ------------------------------------------------------------------------
 
-    def idle(self) -> defer.Deferred:
+    def idle(self) -> defer.Deferred[None]:
         """Fire once no request is in flight on any model."""
         if self._idle is None:
             self._idle = OneShotObserver()
@@ -571,12 +579,12 @@ class Node:
     def _all(self) -> list[ModelRuntime]:
         return list(self._runtimes.values()) + list(self._retired.values())
 
-    def stop_all(self) -> defer.Deferred:
+    def stop_all(self) -> defer.Deferred[Any]:
         """An operator's stop of every model (each drains first); fire when all are stopped."""
         return defer.DeferredList([runtime.stop("admin") for runtime in self._all()],
                                   consumeErrors=True)
 
-    def shutdown(self) -> defer.Deferred:
+    def shutdown(self) -> defer.Deferred[Any]:
         """The node is stopping: reject every waiter and stop every backend now (requests
         still in flight are cut); fire when all are gone."""
         self._apply(self.scheduler.shutdown(self.clock.seconds()))
@@ -584,7 +592,7 @@ class Node:
         waits = [runtime.lifecycle.when(STOPPED, FAILED) for runtime in self._all()]
         return defer.DeferredList(waits, consumeErrors=True)
 
-    def reload(self, config: Config) -> dict:
+    def reload(self, config: Config) -> dict[str, list[str]]:
         """Switch to C{config} (see L{Scheduler.reload}); C{program} changes are reported,
         not applied.
 
@@ -609,7 +617,7 @@ class Node:
         return outcome
 
 
-def _program_changes(old, new) -> list[str]:
+def _program_changes(old: Program, new: Program) -> list[str]:
     """The C{program} keys whose new values only take effect when the node restarts."""
     return [f"program.{name}" for name in old.__dataclass_fields__
             if getattr(old, name) != getattr(new, name)]

@@ -23,7 +23,7 @@ class OneShotObserver(Generic[T]):
 
     def __init__(self) -> None:
         self._result: Any = _PENDING
-        self._waiters: list[Deferred] = []
+        self._waiters: list[Deferred[T]] = []
 
     @property
     def fired(self) -> bool:
@@ -32,7 +32,7 @@ class OneShotObserver(Generic[T]):
     def when_fired(self) -> "Deferred[T]":
         """A new Deferred with the outcome; cancelling it affects no one else."""
         if self._result is not _PENDING:
-            waiter: Deferred = Deferred()
+            waiter: Deferred[T] = Deferred()
             self._relay(waiter)
             return waiter
         waiter = Deferred(self._cancelled)
@@ -48,7 +48,7 @@ class OneShotObserver(Generic[T]):
         for waiter in waiters:
             self._relay(waiter)
 
-    def _relay(self, waiter: Deferred) -> None:
+    def _relay(self, waiter: Deferred[T]) -> None:
         if waiter.called:
             return
         if isinstance(self._result, Failure):
@@ -56,12 +56,12 @@ class OneShotObserver(Generic[T]):
         else:
             waiter.callback(self._result)
 
-    def _cancelled(self, waiter: Deferred) -> None:
+    def _cancelled(self, waiter: Deferred[T]) -> None:
         if waiter in self._waiters:
             self._waiters.remove(waiter)
 
 
-def fire_when(operation: Deferred, observer: OneShotObserver) -> OneShotObserver:
+def fire_when(operation: Deferred[T], observer: OneShotObserver[T]) -> OneShotObserver[T]:
     """Fire C{observer} with C{operation}'s outcome (consumed); return the observer."""
     operation.addBoth(observer.fire)
     return observer

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 from llmnode.config import Model, Plan
 from llmnode.costs import UNKNOWN
@@ -44,7 +44,7 @@ def need_mb(plan: Plan, requirement: str) -> float:
 class Ledger:
     """Memory promised to models, from the moment a start is decided until they stop."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._by_model: dict[str, dict[str, float]] = {}
 
     def reserve(self, model_id: str, memory: Mapping[str, float]) -> None:
@@ -127,7 +127,7 @@ def _assignments(plan: Plan, devices: Mapping[str, Device],
     """Every way to give each requirement its own usable device, best-ordered first."""
     requirements = plan.required_devices
     options = [sorted((d for d in devices.values() if matches(r, d) and usable(i, d)),
-                      key=lambda d, i=i: order(i, d))
+                      key=lambda d, i=i: order(i, d))  # type: ignore[misc]
                for i, r in enumerate(requirements)]
     chosen: list[Device] = []
     budget = [ASSIGNMENT_LIMIT]
@@ -188,7 +188,7 @@ def choose(model: Model, devices: Mapping[str, Device], ledger: Ledger) -> Optio
     return None
 
 
-def eviction_score(resident: Resident, device_ids, now: float) -> float:
+def eviction_score(resident: Resident, device_ids: Iterable[str], now: float) -> float:
     """Higher goes first: idle seconds / (GB held on C{device_ids}, at least 0.5, times
     1 + reload seconds / 10). Long-idle, small models that load back quickly go first: every
     10 s a model takes to load back counts as much as the memory it holds."""
@@ -208,7 +208,7 @@ def _victims(shortfalls: Mapping[str, float], candidates: Sequence[Resident],
     pool.sort(key=lambda c: (c.rank, -eviction_score(c, shortfalls, now), c.reload_s,
                              c.model_id))
 
-    def covers(group) -> bool:
+    def covers(group: Iterable[Resident]) -> bool:
         return all(sum(c.reserved.get(d, 0.0) for c in group) >= short
                    for d, short in shortfalls.items())
 

@@ -33,7 +33,7 @@ def key_lines(text: str) -> dict[str, int]:
         return {}
     lines: dict[str, int] = {}
 
-    def walk(node, path: str) -> None:
+    def walk(node: yaml.Node, path: str) -> None:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 if isinstance(key, yaml.ScalarNode):

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from itertools import count
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from llmnode.config import Model
 from llmnode.costs import CostBook
@@ -61,7 +61,7 @@ class CrashPolicy:
 class CrashHistory:
     """Recent crashes and failed starts of one model, and the hold-back they cause."""
 
-    def __init__(self, policy: CrashPolicy = CrashPolicy()):
+    def __init__(self, policy: CrashPolicy = CrashPolicy()) -> None:
         self._policy = policy
         self._times: list[float] = []
         self.held_until: Optional[float] = None
@@ -167,7 +167,7 @@ class Arm:
 Decision = Union[Queued, Forward, Reject, Start, Stop, Forget, Arm]
 
 #: What L{Scheduler.try_admit}'s callers get when nothing needs doing.
-NOTHING: tuple = ()
+NOTHING: tuple[()] = ()
 
 
 # -- per-model records -------------------------------------------------------------------------
@@ -197,7 +197,7 @@ class Slot:
     model: Model
     lifecycle: Lifecycle
     history: CrashHistory
-    queue: deque = field(default_factory=deque)
+    queue: deque[Waiter] = field(default_factory=deque)
     in_flight: int = 0
     last_used: Optional[float] = None
     ready_at: Optional[float] = None
@@ -212,8 +212,8 @@ class Slot:
     last_error: Optional[str] = None
     waiting_for: str = ""
     forwarded_at_once: int = 0
-    waits: deque = field(default_factory=lambda: deque(maxlen=10_000))
-    stops: Counter = field(default_factory=Counter)
+    waits: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+    stops: Counter[str] = field(default_factory=Counter)
 
     @property
     def state(self) -> State:
@@ -242,7 +242,7 @@ class Scheduler:
     """
 
     def __init__(self, models: Sequence[Model], policy: Policy = Policy(), now: float = 0.0,
-                 costs: Optional[CostBook] = None):
+                 costs: Optional[CostBook] = None) -> None:
         self.policy = policy
         self.costs = costs if costs is not None else CostBook()
         self.ledger = Ledger()
@@ -286,7 +286,7 @@ class Scheduler:
         slot.forwarded_at_once += 1
         return True
 
-    def arrive(self, model_id: str, now: float, *, start: bool = False) -> list:
+    def arrive(self, model_id: str, now: float, *, start: bool = False) -> list[Decision]:
         """A request (or, with C{start}, an operator's start) that L{try_admit} did not take.
 
         The first decision is its L{Queued} ticket; a L{Forward} or L{Reject} of that ticket may
@@ -294,7 +294,7 @@ class Scheduler:
         """
         slot = self.slots[model_id]
         ticket = next(self._tickets)
-        decisions: list = [Queued(ticket, model_id)]
+        decisions: list[Decision] = [Queued(ticket, model_id)]
         if self._closed:
             decisions.append(Reject(ticket, model_id, Unavailable(
                 "the node is stopping", retry_after=5)))
@@ -329,7 +329,7 @@ class Scheduler:
         del self._where[waiter.ticket]
         self._waiting -= 1
 
-    def finish(self, model_id: str, now: float) -> Sequence:
+    def finish(self, model_id: str, now: float) -> Sequence[Decision]:
         """A forwarded request ended (answered, failed or abandoned by its client)."""
         slot = self.slots.get(model_id)
         if slot is None:
@@ -340,7 +340,7 @@ class Scheduler:
             return self._reconcile(now)
         return NOTHING
 
-    def leave(self, ticket: int, now: float) -> Sequence:
+    def leave(self, ticket: int, now: float) -> Sequence[Decision]:
         """The client of a queued request left (or its answer was sent): it leaves the queue.
 
         Unknown tickets (already forwarded or rejected) are ignored.
@@ -356,7 +356,7 @@ class Scheduler:
 
     # -- backends ----------------------------------------------------------------------------
 
-    def started(self, model_id: str, now: float, load_s: Optional[float] = None) -> list:
+    def started(self, model_id: str, now: float, load_s: Optional[float] = None) -> list[Decision]:
         """The model's backend answered its health path."""
         slot = self.slots[model_id]
         if slot.state is not STARTING:
@@ -371,7 +371,7 @@ class Scheduler:
         return self._reconcile(now)
 
     def start_failed(self, model_id: str, now: float, message: str, *,
-                     counts: bool = True) -> list:
+                     counts: bool = True) -> list[Decision]:
         """The start failed and nothing of it is left. Its waiters get the failure.
 
         @param counts: whether it counts towards the crash hold-back (a placement refusal
@@ -385,7 +385,7 @@ class Scheduler:
         slot.last_error = message
         if counts:
             slot.history.record(now)
-        decisions: list = []
+        decisions: list[Decision] = []
         error = Unavailable(message, retry_after=slot.history.retry_after(now) or 1)
         for waiter in list(slot.queue):
             self._dequeue(slot, waiter)
@@ -393,7 +393,7 @@ class Scheduler:
         decisions.extend(self._reconcile(now))
         return decisions
 
-    def crashed(self, model_id: str, now: float, status: str) -> list:
+    def crashed(self, model_id: str, now: float, status: str) -> list[Decision]:
         """The running backend exited on its own. Its memory counts as held until
         L{stopped}."""
         slot = self.slots[model_id]
@@ -404,7 +404,7 @@ class Scheduler:
         slot.history.record(now)
         return [self._begin_stop(slot, "crash", now, message)] + self._reconcile(now)
 
-    def stopped(self, model_id: str, now: float) -> list:
+    def stopped(self, model_id: str, now: float) -> list[Decision]:
         """Nothing of the model's backend is left: its memory and port are free."""
         slot = self.slots.get(model_id)
         if slot is None or slot.state is not STOPPING:
@@ -415,7 +415,7 @@ class Scheduler:
             slot.stop_s = now - slot.stop_began
         self._release(slot)
         self._last_stop_at = now
-        decisions: list = []
+        decisions: list[Decision] = []
         if slot.retiring:
             decisions.extend(self._forget(slot))
         elif slot.pending_model is not None:
@@ -430,12 +430,13 @@ class Scheduler:
         slot.ready_at = None
 
     def _apply_pending(self, slot: Slot) -> None:
+        assert slot.pending_model is not None
         slot.model, slot.pending_model = slot.pending_model, None
         slot.history.reset()
 
     # -- devices and time ------------------------------------------------------------------
 
-    def devices_changed(self, devices: Mapping[str, Device], now: float) -> list:
+    def devices_changed(self, devices: Mapping[str, Device], now: float) -> list[Decision]:
         """A new device snapshot."""
         self.devices = devices
         self.devices_known = True
@@ -443,21 +444,21 @@ class Scheduler:
             return self._reconcile(now)
         return []
 
-    def tick(self, now: float) -> list:
+    def tick(self, now: float) -> list[Decision]:
         """The timer asked for by the last L{Arm} fired."""
         self._armed = None
         return self._reconcile(now)
 
     # -- operators, the sweeper and reloads ----------------------------------------------------
 
-    def stop(self, model_id: str, reason: str, now: float) -> list:
+    def stop(self, model_id: str, reason: str, now: float) -> list[Decision]:
         """Stop a model for C{reason}: C{idle} only if nothing is in flight; C{admin} and
         C{reload} drain first; C{shutdown} stops at once."""
         slot = self.slots.get(model_id)
         if slot is None:
             return []
         state = slot.state
-        decisions: list = []
+        decisions: list[Decision] = []
         if reason == "admin":
             for waiter in [w for w in slot.queue if w.start]:
                 self._dequeue(slot, waiter)
@@ -477,10 +478,10 @@ class Scheduler:
         decisions.extend(self._reconcile(now))
         return decisions
 
-    def shutdown(self, now: float) -> list:
+    def shutdown(self, now: float) -> list[Decision]:
         """The node is stopping: reject every waiter, stop every model now."""
         self._closed = True
-        decisions: list = []
+        decisions: list[Decision] = []
         for slot in list(self.slots.values()):
             for waiter in list(slot.queue):
                 self._dequeue(slot, waiter)
@@ -491,15 +492,16 @@ class Scheduler:
         decisions.append(self._arm(None))
         return decisions
 
-    def reload(self, models: Sequence[Model], now: float) -> tuple[dict, list]:
+    def reload(self, models: Sequence[Model],
+               now: float) -> tuple[dict[str, list[str]], list[Decision]]:
         """Switch to C{models}: unchanged ones are left alone, changed ones drain and restart
         with the new settings (if they were running), removed ones drain, stop and are
         forgotten, added ones are added (and started if C{auto_start}).
 
         @return: model ids by outcome, and the decisions.
         """
-        outcome: dict = {"unchanged": [], "changed": [], "added": [], "removed": []}
-        decisions: list = []
+        outcome: dict[str, list[str]] = {"unchanged": [], "changed": [], "added": [], "removed": []}
+        decisions: list[Decision] = []
         wanted = {model.id for model in models}
         for model in models:
             slot = self.slots.get(model.id)
@@ -540,7 +542,7 @@ class Scheduler:
         decisions.extend(self._reconcile(now))
         return outcome, decisions
 
-    def _retire_backend(self, slot: Slot, now: float) -> list:
+    def _retire_backend(self, slot: Slot, now: float) -> list[Decision]:
         """Stop a starting backend now; let a running one drain first."""
         if slot.state is STARTING:
             return [self._begin_stop(slot, "reload", now)]
@@ -550,10 +552,10 @@ class Scheduler:
             slot.drain = Drain("reload")
         return []
 
-    def _forget(self, slot: Slot) -> list:
+    def _forget(self, slot: Slot) -> list[Decision]:
         """Drop a removed model that holds nothing; its waiters learn why."""
         model_id = slot.model.id
-        decisions: list = []
+        decisions: list[Decision] = []
         for waiter in list(slot.queue):
             self._dequeue(slot, waiter)
             decisions.append(Reject(waiter.ticket, model_id, Unavailable(
@@ -589,7 +591,7 @@ class Scheduler:
             return None
         return slot.ready_at + self.turn_length(slot, waiting)
 
-    def describe(self, model_id: str, now: float) -> dict:
+    def describe(self, model_id: str, now: float) -> dict[str, Any]:
         """The scheduler's part of a model's info."""
         slot = self.slots[model_id]
         oldest = min((w.arrived for w in slot.queue), default=None)
@@ -641,9 +643,9 @@ class Scheduler:
         slot.stops[reason] += 1
         return Stop(slot.model.id, reason)
 
-    def _reconcile(self, now: float) -> list:
+    def _reconcile(self, now: float) -> list[Decision]:
         """Everything that should happen now, given the queues, the models and the memory."""
-        decisions: list = []
+        decisions: list[Decision] = []
         wake: list[float] = []
         for _ in range(2):
             self._admit_running(now, decisions)
@@ -665,7 +667,7 @@ class Scheduler:
         self._armed = at
         return Arm(at)
 
-    def _expire(self, now: float, decisions: list) -> bool:
+    def _expire(self, now: float, decisions: list[Decision]) -> bool:
         """Reject waiters older than C{queue_timeout}; whether there were any. Waiting for the
         own model's start is bounded by its C{start_timeout} instead."""
         limit = self.policy.queue_timeout
@@ -684,7 +686,7 @@ class Scheduler:
                         retry_after=self._retry_hint(slot, now))))
         return expired
 
-    def _admit_running(self, now: float, decisions: list) -> None:
+    def _admit_running(self, now: float, decisions: list[Decision]) -> None:
         for slot in self.slots.values():
             if slot.state is not RUNNING or not slot.queue:
                 continue
@@ -706,7 +708,8 @@ class Scheduler:
                                     s.queue[0].ticket))
         return waiting
 
-    def _place_waiters(self, now: float, decisions: list, wake: list) -> dict[str, str]:
+    def _place_waiters(self, now: float, decisions: list[Decision],
+                       wake: list[float]) -> dict[str, str]:
         """Start what can start; drain or stop what must make room. Returns the models that
         must make room, each with the model it makes room for."""
         needed: dict[str, str] = {}
@@ -839,8 +842,8 @@ class Scheduler:
         grace_ends = slot.last_used + self.policy.idle_grace
         return None if now >= grace_ends else min(ends, grace_ends)
 
-    def _make_room(self, waiting: Slot, victims: list[Slot], now: float, decisions: list,
-                   wake: list, needed: dict) -> None:
+    def _make_room(self, waiting: Slot, victims: list[Slot], now: float, decisions: list[Decision],
+                   wake: list[float], needed: dict[str, str]) -> None:
         """Free the victims' memory for C{waiting}: all together, never cutting a request."""
         in_turn = []
         for victim in victims:
@@ -876,7 +879,7 @@ class Scheduler:
         waiting.waiting_for = (", ".join(names) + f", then loading {waiting.model.id}"
                                + self._estimate(waiting))
 
-    def _settle_drains(self, now: float, needed: dict, decisions: list) -> None:
+    def _settle_drains(self, now: float, needed: dict[str, str], decisions: list[Decision]) -> None:
         """Drains that finished stop the model; turn drains nobody needs any more end."""
         for slot in list(self.slots.values()):
             if slot.state is not DRAINING:

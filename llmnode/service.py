@@ -8,7 +8,7 @@ HTTP pool, device plugins and model logs.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional, TypeVar, cast
 
 from treq.client import HTTPClient
 from twisted.application.service import MultiService
@@ -31,10 +31,21 @@ from llmnode.web.client import BackendAgent, make_client
 from llmnode.web.auth import warn_if_open
 from llmnode.web.common import max_body_bytes
 from llmnode.web.server import NodeSite
-from llmnode.web.root import build_root
+from llmnode.web.root import Root, build_root
+
+if TYPE_CHECKING:
+    from twisted.internet import _IReactorCommon as Reactor  # the global reactor's type
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.interfaces import IListeningPort, IReactorThreads
+    from twisted.logger import LogPublisher
+    from twisted.python.failure import Failure
+
+    from llmnode.devices.interfaces import Device, IDevicePlugin
+
+T = TypeVar("T")
 
 
-def make_http_client(reactor, connect_burst: Optional[int] = None
+def make_http_client(reactor: Reactor, connect_burst: Optional[int] = None
                      ) -> tuple[HTTPClient, BackendAgent]:
     """The node's one HTTP client: treq over a lean keep-alive agent for local backends (see
     L{llmnode.web.client}), no redirects, a cookie jar that keeps nothing (a backend's cookies
@@ -56,10 +67,10 @@ class NodeService(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor, *, host: Optional[str] = None,
-                 port: Optional[int] = None, plugins: Optional[list] = None,
-                 log_publisher=None):
-        super().__init__()
+    def __init__(self, config: Config, reactor: Reactor, *, host: Optional[str] = None,
+                 port: Optional[int] = None, plugins: Optional[list[IDevicePlugin]] = None,
+                 log_publisher: Optional[LogPublisher] = None) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
         program = config.program
         self.config = config
         self.reactor = reactor
@@ -82,16 +93,16 @@ class NodeService(MultiService):
                                         model_log=self._model_log, ready=lambda: self.ready),
                              max_body_bytes=max_body_bytes(program.max_body_mb),
                              body_timeout=program.body_timeout, clock=reactor)
-        self._listening = None
+        self._listening: Optional[IListeningPort] = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def privilegedStartService(self) -> None:
         self._listen()
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         for key, folder in (("log_dir", self.config.program.log_dir),
                             ("runtime_dir", self.runtime_dir)):
             try:
@@ -123,12 +134,12 @@ class NodeService(MultiService):
                       n=len(self.config.models), host=self.host, port=self.listening_port)
         for runtime in self.node.runtimes():
             if runtime.model.auto_start:
-                runtime.start().addErrback(
+                runtime.start().addErrback(  # type: ignore[call-overload]
                     lambda f, m=runtime.model.id: self.log.warn(
                         "auto_start of {model} failed: {error}", model=m,
                         error=f.getErrorMessage()))
 
-    def reload(self) -> Optional[dict]:
+    def reload(self) -> Optional[dict[str, Any]]:
         """Re-read the config file (SIGHUP); an invalid file is logged and changes nothing."""
         try:
             return self.reload_config()
@@ -136,7 +147,7 @@ class NodeService(MultiService):
             self.log.error("config reload rejected: {error}", error=e.message)
             return None
 
-    def reload_config(self) -> dict:
+    def reload_config(self) -> dict[str, Any]:
         """Re-read the node's config file and switch to it (see L{Node.reload}); SIGHUP and
         C{POST /api/config/reload} both come here.
 
@@ -146,7 +157,7 @@ class NodeService(MultiService):
         """
         path = self.node.config.path
         try:
-            config = load_config(path)
+            config = load_config(cast(str, path))  # a config loaded from a file
         except ConfigError as e:
             raise BadRequest(f"the new config is invalid; the old one stays in force:\n{e}")
         except OSError as e:
@@ -167,32 +178,34 @@ class NodeService(MultiService):
         """Whether the node has read its devices once (health says C{starting} until then)."""
         return self.monitor is not None and self.monitor.known
 
-    def when_ready(self) -> defer.Deferred:
+    def when_ready(self) -> defer.Deferred[None]:
         """A Deferred that fires once L{ready}; call it after L{startService}."""
-        return self.monitor.when_known().addCallback(lambda _: None)
+        return cast(DeviceMonitor, self.monitor).when_known().addCallback(lambda _: None)
 
     @property
     def listening_port(self) -> Optional[int]:
         """The TCP port actually listened on (useful with port 0)."""
-        return self._listening.getHost().port if self._listening is not None else None
+        if self._listening is None:
+            return None
+        return cast("IPv4Address", self._listening.getHost()).port
 
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
         stopping = defer.Deferred.fromCoroutine(self._stop())
         return stopping.addBoth(self._forget_log_observer)
 
-    def _forget_log_observer(self, result):
+    def _forget_log_observer(self, result: T) -> T:
         self._log_publisher.removeObserver(self._node_log_observer)
         return result
 
     async def _stop(self) -> None:
         listening, self._listening = self._listening, None
         if listening is not None:
-            await listening.stopListening()
+            await cast("defer.Deferred[None]", listening.stopListening())
         await self._drain(self.config.program.shutdown_timeout)
         self.sweeper.stop()
         await self.node.shutdown()
-        self.site.resource.close()
+        cast(Root, self.site.resource).close()
         if self.monitor is not None:
             await self.monitor.close()
         await self._pool.closeCachedConnections()
@@ -223,14 +236,15 @@ class NodeService(MultiService):
 
     # -- NodeEffects -------------------------------------------------------------------------
 
-    def measure(self, pgid: int, devices) -> defer.Deferred:
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), group_usage,
+    def measure(self, pgid: int, devices: Mapping[str, Device]) -> defer.Deferred[dict[str, float]]:
+        threads = cast("IReactorThreads", self.reactor)
+        return deferToThreadPool(threads, threads.getThreadPool(), group_usage,
                                  pgid, devices, group_members)
 
-    def refresh_devices(self) -> defer.Deferred:
+    def refresh_devices(self) -> defer.Deferred[Optional[Mapping[str, Device]]]:
         if self.monitor is None:
             return defer.succeed(None)
-        return self.monitor.refresh()
+        return cast("defer.Deferred[Optional[Mapping[str, Device]]]", self.monitor.refresh())
 
     def log_path(self, model: Model) -> str:
         return os.path.join(self.config.program.log_dir, f"{model.id}.log")
@@ -250,11 +264,11 @@ class NodeService(MultiService):
                        stop_command=plan.stop_command, log=self._model_log(model),
                        runtime_dir=self.runtime_dir, http=self.http)
 
-    def devices_report(self) -> list[dict]:
+    def devices_report(self) -> list[dict[str, Any]]:
         """Each device: total, free (reported), reserved, available and which models hold it."""
         if self.monitor is None:
             return []
-        report = []
+        report: list[dict[str, Any]] = []
         ledger = self.node.scheduler.ledger
         for device in self.monitor.devices.values():
             reserved = ledger.reserved_mb(device.id)

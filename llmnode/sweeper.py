@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, cast
 
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from llmnode.lifecycle import RUNNING
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.python.failure import Failure
+
+    from llmnode.node import ModelRuntime
 
 #: Seconds before a model whose idle stop failed is tried again.
 RETRY_DELAY = 10.0
@@ -41,8 +47,9 @@ class Sweeper:
         C{.state}, C{.in_flight}, C{.last_used} and C{.stop(reason)} (a Deferred).
     """
 
-    def __init__(self, clock, runtimes: Callable[[], Iterable], default_alive_time_min: float,
-                 log: Optional[Logger] = None, interval: Optional[float] = None):
+    def __init__(self, clock: IReactorTime, runtimes: Callable[[], Iterable[ModelRuntime]],
+                 default_alive_time_min: float,
+                 log: Optional[Logger] = None, interval: Optional[float] = None) -> None:
         self._clock = clock
         self._runtimes = runtimes
         self._default = default_alive_time_min
@@ -82,7 +89,7 @@ class Sweeper:
             except Exception:
                 self._log.failure("idle sweeper failed on a model")
 
-    def _check(self, runtime, now: float) -> None:
+    def _check(self, runtime: ModelRuntime, now: float) -> None:
         key = id(runtime)
         if key in self._stopping or now < self._retry_at.get(key, now):
             return
@@ -91,11 +98,11 @@ class Sweeper:
         if not due(now, limit, runtime.last_used, runtime.in_flight, runtime.state):
             return
         self._log.info("stopping {model}: idle for {idle:.0f} s (alive_time {limit:g} s)",
-                       model=model.id, idle=now - runtime.last_used, limit=limit)
+                       model=model.id, idle=now - cast(float, runtime.last_used), limit=limit)
         self._stopping.add(key)
         self._retry_at.pop(key, None)
 
-        def failed(failure):
+        def failed(failure: Failure) -> None:
             self._log.failure("idle stop of {model} failed; trying again in {delay:g} s",
                               failure, model=model.id, delay=RETRY_DELAY)
             self._retry_at[key] = self._clock.seconds() + RETRY_DELAY

@@ -9,6 +9,7 @@ import gc
 import os
 import signal
 from dataclasses import replace
+from typing import IO, TYPE_CHECKING, Optional, cast
 
 from twisted.application.service import MultiService
 from twisted.python import usage
@@ -16,6 +17,14 @@ from twisted.python.logfile import LogFile
 
 from llmnode.config import ConfigError, load_config
 from llmnode.logs import customised, install_observer, twistd_log_stream
+
+if TYPE_CHECKING:
+    from twisted.internet import _IReactorCommon as Reactor  # the global reactor's type
+    from twisted.internet.interfaces import IReactorFromThreads
+    from twisted.python.components import Componentized
+
+    from llmnode.config import Program
+    from llmnode.service import NodeService
 
 
 class Options(usage.Options):
@@ -58,17 +67,18 @@ class TwistdNode(MultiService):
     @param log_stream: where that observer writes; None leaves twistd's own log in place.
     """
 
-    def __init__(self, node, program, log_stream=None):
-        super().__init__()
+    def __init__(self, node: NodeService, program: Program,
+                 log_stream: Optional[IO[str]] = None) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
         self.node = node
         self._program = program
         self._log_stream = log_stream
-        node.setServiceParent(self)
+        node.setServiceParent(self)  # type: ignore[no-untyped-call]
 
-    def setServiceParent(self, parent):
+    def setServiceParent(self, parent: Componentized) -> None:
         if self._log_stream is not None:
             install_observer(parent, self._program, self._log_stream)
-        super().setServiceParent(parent)
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]
 
 
 def makeService(options: Options) -> TwistdNode:
@@ -86,7 +96,7 @@ def makeService(options: Options) -> TwistdNode:
     if customised(program):
         stream = twistd_log_stream(getattr(options, "parent", None))
         if isinstance(stream, LogFile):
-            _rotate_on_sigusr1(reactor, stream)
+            _rotate_on_sigusr1(cast("IReactorFromThreads", reactor), stream)
     return TwistdNode(node, program, stream)
 
 
@@ -97,19 +107,19 @@ def _settle_garbage_collector() -> None:
     gc.freeze()
 
 
-def _reload_on_sighup(reactor, service) -> None:
+def _reload_on_sighup(reactor: IReactorFromThreads, service: NodeService) -> None:
     """SIGHUP re-reads the config file, as daemons do."""
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(service.reload))
 
 
-def _rotate_on_sigusr1(reactor, log_file: LogFile) -> None:
+def _rotate_on_sigusr1(reactor: IReactorFromThreads, log_file: LogFile) -> None:
     """Rotate C{log_file} on SIGUSR1, as twistd does for the log file it opens itself."""
     if not signal.getsignal(signal.SIGUSR1):
         signal.signal(signal.SIGUSR1,
                       lambda signum, frame: reactor.callFromThread(log_file.rotate))
 
 
-def _stop_cleanly_on_signals(reactor) -> None:
+def _stop_cleanly_on_signals(reactor: Reactor) -> None:
     """SIGTERM is the normal way a container or init stops the node, and Ctrl-C (SIGINT) the
     way an operator stops a foreground one: both shut down in order and exit 0 (twistd's own
     handlers would re-raise the signal and exit 143 or 130). A SIGINT the node was started
@@ -117,16 +127,16 @@ def _stop_cleanly_on_signals(reactor) -> None:
     from twisted.internet.error import ReactorNotRunning
     from twisted.logger import Logger
 
-    def stop():
+    def stop() -> None:
         try:
             reactor.stop()
         except ReactorNotRunning:
             pass  # a second signal while already stopping
 
-    def handler(signum, frame):
+    def handler(signum: int, frame: object) -> None:
         Logger().info("received {name}: stopping every model, then exiting",
                       name=signal.Signals(signum).name)
-        reactor.callFromThread(stop)
+        cast("IReactorFromThreads", reactor).callFromThread(stop)
 
     signal.signal(signal.SIGTERM, handler)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:

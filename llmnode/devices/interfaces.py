@@ -39,7 +39,7 @@ class IDevicePlugin(Interface):
 
     name = Attribute("A short name for logs, e.g. C{'nvml'}.")
 
-    def devices():
+    def devices() -> "list[Device]":
         """Return the current list of L{Device} snapshots.
 
         Called from a worker thread, never the reactor thread; may block briefly.

@@ -63,7 +63,7 @@ def _module_name(path: str) -> str:
     return f"llmnode_device_plugin_{stem}_{digest}"
 
 
-def _load_file(path: str) -> list:
+def _load_file(path: str) -> list[IDevicePlugin]:
     spec = importlib.util.spec_from_file_location(_module_name(path), path)
     if spec is None or spec.loader is None:
         raise PluginFileError("not a loadable Python file")
@@ -85,7 +85,7 @@ def _load_file(path: str) -> list:
     return list(found)
 
 
-def load_plugins(directory: Optional[str], log: Optional[Logger] = None) -> list:
+def load_plugins(directory: Optional[str], log: Optional[Logger] = None) -> list[IDevicePlugin]:
     """The device plugins of every C{*.py} file in C{directory}, in file-name order.
 
     Broken files are logged and skipped. A missing directory is logged and yields none.
@@ -114,7 +114,8 @@ def load_plugins(directory: Optional[str], log: Optional[Logger] = None) -> list
     return plugins
 
 
-def default_plugins(device_plugin_dir: Optional[str], log: Optional[Logger] = None) -> list:
+def default_plugins(device_plugin_dir: Optional[str],
+                    log: Optional[Logger] = None) -> list[IDevicePlugin]:
     """NVML, system memory, then the plugin folder's files."""
     log = log or Logger()
     return [NvmlPlugin(log=log), SystemPlugin()] + load_plugins(device_plugin_dir, log)

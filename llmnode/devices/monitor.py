@@ -4,29 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 from types import MappingProxyType
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, cast
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llmnode.devices.interfaces import Device
+from llmnode.devices.interfaces import Device, IDevicePlugin
 from llmnode.observer import OneShotObserver
 
 
 class _PluginState:
     """What the monitor knows about one plugin between refreshes."""
 
-    def __init__(self, plugin):
+    def __init__(self, plugin: IDevicePlugin) -> None:
         self.plugin = plugin
         self.name = str(getattr(plugin, "name", type(plugin).__name__))[:80]
         self.devices: tuple[Device, ...] = ()
         self.good_at: Optional[float] = None
         self.error: Optional[str] = None
         self.running = False
-        self.observers: list[Deferred] = []
+        self.observers: list[Deferred[None]] = []
 
 
 class DeviceMonitor:
@@ -39,9 +40,10 @@ class DeviceMonitor:
     device id the first plugin wins.
     """
 
-    def __init__(self, reactor, plugins, interval: float = 1.0, log: Optional[Logger] = None, *,
-                 run_in_thread: Optional[Callable[[Callable], Deferred]] = None,
-                 plugin_timeout: float = 10.0, stale_after: float = 30.0):
+    def __init__(self, reactor: IReactorTime, plugins: Iterable[IDevicePlugin],
+                 interval: float = 1.0, log: Optional[Logger] = None, *,
+                 run_in_thread: Optional[Callable[[Callable[[], Any]], Deferred[Any]]] = None,
+                 plugin_timeout: float = 10.0, stale_after: float = 30.0) -> None:
         """
         @param reactor: provides C{callLater}/C{seconds}; and C{getThreadPool} unless
             C{run_in_thread} is given.
@@ -49,8 +51,9 @@ class DeviceMonitor:
             its result (tests pass a synchronous one).
         """
         self._clock = reactor
+        threads = cast(Any, reactor)  # also an IReactorThreads unless run_in_thread is given
         self._run = run_in_thread or (
-            lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f))
+            lambda f: deferToThreadPool(threads, threads.getThreadPool(), f))
         self._states = [_PluginState(p) for p in plugins]
         self.interval = interval
         self._log = log or Logger()
@@ -65,7 +68,7 @@ class DeviceMonitor:
         self._subscribers: list[Callable[[Mapping[str, Device]], None]] = []
 
     @property
-    def plugins(self) -> list:
+    def plugins(self) -> list[IDevicePlugin]:
         return [s.plugin for s in self._states]
 
     @property
@@ -83,7 +86,7 @@ class DeviceMonitor:
         snapshot before that means "not read yet", not "no devices")."""
         return self._known.fired
 
-    def when_known(self) -> Deferred:
+    def when_known(self) -> Deferred[Mapping[str, Device]]:
         """A new Deferred that fires with the snapshot once L{known} is true."""
         return self._known.when_fired()
 
@@ -100,15 +103,15 @@ class DeviceMonitor:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 
-    def close(self) -> Deferred:
+    def close(self) -> Deferred[None]:
         """Stop polling, wait (at most the plugin timeout) for queries still running, and call
         C{close()} on plugins that have one (off the reactor thread)."""
         self.stop()
-        closing = []
+        closing: list[Deferred[Any]] = []
         for state in self._states:
             if state.running:
                 # Its answer also ends the timeout timer of the refresh that asked.
-                answered = Deferred()
+                answered: Deferred[None] = Deferred()
                 state.observers.append(answered)
                 answered.addTimeout(self._plugin_timeout, self._clock)
                 closing.append(answered.addErrback(lambda f: None))
@@ -116,12 +119,13 @@ class DeviceMonitor:
             close = getattr(state.plugin, "close", None)
             if callable(close):
                 d = maybeDeferred(self._run, close)
-                d.addErrback(lambda f, n=state.name: self._log.failure(
-                    "closing device plugin {name} failed", f, name=n))
+                d.addErrback(  # type: ignore[call-overload]
+                    lambda f, n=state.name: self._log.failure(
+                        "closing device plugin {name} failed", f, name=n))
                 closing.append(d)
         return gatherResults(closing).addCallback(lambda _: None)
 
-    def refresh(self) -> Deferred:
+    def refresh(self) -> Deferred[Mapping[str, Device]]:
         """A Deferred of a snapshot read after this call; concurrent callers share one read.
 
         Never fails.
@@ -139,7 +143,8 @@ class DeviceMonitor:
         reads = [self._query(state) for state in self._states]
         gatherResults(reads).addBoth(self._finish, this_read)
 
-    def _finish(self, result, this_read: Optional[OneShotObserver]) -> None:
+    def _finish(self, result: object,
+                this_read: Optional[OneShotObserver[Mapping[str, Device]]]) -> None:
         try:
             if isinstance(result, Failure):
                 self._log.failure("device refresh failed", result)
@@ -159,11 +164,11 @@ class DeviceMonitor:
         if self._next_read is not None and not self._busy:
             self._read()
 
-    def _query(self, state: _PluginState) -> Deferred:
+    def _query(self, state: _PluginState) -> Deferred[None]:
         if state.running:
             # Still busy since an earlier refresh gave up on it: use what it said last.
             return succeed(None)
-        waiter = Deferred()
+        waiter: Deferred[None] = Deferred()
         state.observers.append(waiter)
         state.running = True
         maybeDeferred(self._run, state.plugin.devices).addBoth(self._record, state)
@@ -175,11 +180,12 @@ class DeviceMonitor:
     def _slow(self, state: _PluginState) -> None:
         self._failed(state, f"no answer within {self._plugin_timeout:g} s")
 
-    def _record(self, result, state: _PluginState) -> None:
+    def _record(self, result: object, state: _PluginState) -> None:
         state.running = False
         try:
             if isinstance(result, Failure):
-                self._failed(state, f"{result.type.__name__}: {result.getErrorMessage()}")
+                self._failed(state, f"{result.type.__name__}: "  # type: ignore[union-attr]
+                                    f"{result.getErrorMessage()}")
             elif not isinstance(result, (list, tuple)) or not all(
                     isinstance(d, Device) for d in result):
                 self._failed(state, f"devices() returned {type(result).__name__}, "

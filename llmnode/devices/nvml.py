@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from llmnode.devices.interfaces import Device, IDevicePlugin
 
+T = TypeVar("T")
+
 _MB = 1024 * 1024
 
 
-def _text(value) -> str:
+def _text(value: str | bytes) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
@@ -29,7 +31,7 @@ class NvmlPlugin:
 
     name = "nvml"
 
-    def __init__(self, pynvml=None, log: Optional[Logger] = None):
+    def __init__(self, pynvml: Any = None, log: Optional[Logger] = None) -> None:
         """
         @param pynvml: the NVML module; None imports the real C{pynvml} when first needed.
         """
@@ -60,7 +62,7 @@ class NvmlPlugin:
             nvml = self._nvml
             return [self._device(nvml, index) for index in range(nvml.nvmlDeviceGetCount())]
 
-    def _device(self, nvml, index: int) -> Device:
+    def _device(self, nvml: Any, index: int) -> Device:
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
         memory = nvml.nvmlDeviceGetMemoryInfo(handle)
         return Device(
@@ -71,14 +73,14 @@ class NvmlPlugin:
                 lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
             processes=self._processes(nvml, handle), plugin=self.name)
 
-    def _optional(self, query):
+    def _optional(self, query: Callable[[], T]) -> Optional[T]:
         """A reading some GPUs don't support: None instead of an error."""
         try:
             return query()
         except self._nvml.NVMLError:
             return None
 
-    def _processes(self, nvml, handle) -> tuple[tuple[int, float], ...]:
+    def _processes(self, nvml: Any, handle: Any) -> tuple[tuple[int, float], ...]:
         try:
             running = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
         except nvml.NVMLError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from types import ModuleType
 from typing import Optional
 
 import psutil as _psutil
@@ -32,7 +33,7 @@ class SystemPlugin:
 
     name = "system"
 
-    def __init__(self, psutil=_psutil, brand: Optional[str] = None):
+    def __init__(self, psutil: ModuleType = _psutil, brand: Optional[str] = None) -> None:
         self._psutil = psutil
         self._brand = brand
 

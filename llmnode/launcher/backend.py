@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import uuid
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional, TypeVar, cast
 
 import treq
 from twisted.internet import defer, error, protocol
@@ -23,6 +23,14 @@ import llmnode
 from llmnode.launcher import ports, runtime, supervisor
 from llmnode.launcher.logfile import ModelLog
 from llmnode.observer import OneShotObserver
+
+if TYPE_CHECKING:
+    from treq.client import HTTPClient
+    from twisted.internet import _IReactorCommon as Reactor  # the global reactor's type
+    from twisted.internet.interfaces import IProcessTransport
+    from twisted.python.failure import Failure
+
+T = TypeVar("T")
 
 #: How long stop() waits after SIGKILL before it gives up on an unkillable process.
 _KILL_WAIT = 5.0
@@ -39,13 +47,13 @@ class StartError(Exception):
     @ivar reason: C{"exited"}, C{"timeout"}, C{"port_busy"}, C{"spawn"} or C{"probe"}.
     """
 
-    def __init__(self, message: str, reason: str):
+    def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
 
 
-def describe_exit(reason) -> str:
+def describe_exit(reason: Failure) -> str:
     """A short text for a process's end: C{"exit status 3"} or C{"killed by signal 9"}."""
     value = reason.value
     signum = getattr(value, "signal", None)
@@ -57,7 +65,7 @@ def describe_exit(reason) -> str:
 class _Output(protocol.ProcessProtocol):
     """Carries the backend's output to its log and its end to the L{Backend}."""
 
-    def __init__(self, backend: "Backend"):
+    def __init__(self, backend: "Backend") -> None:
         self._backend = backend
 
     def outReceived(self, data: bytes) -> None:
@@ -76,10 +84,10 @@ class _Output(protocol.ProcessProtocol):
         if childFD == _PID_FD:
             self._backend._pid_pipe_closed()
 
-    def processExited(self, reason) -> None:
+    def processExited(self, reason: Failure) -> None:
         self._backend._main_exited(reason)
 
-    def processEnded(self, reason) -> None:
+    def processEnded(self, reason: Failure) -> None:
         self._backend._pipes_closed()
 
 
@@ -97,11 +105,13 @@ class Backend:
 
     log = Logger()
 
-    def __init__(self, reactor, *, model_id: str, command: str, env: dict, cwd: str,
+    def __init__(self, reactor: Reactor, *, model_id: str, command: str,
+                 env: Mapping[str, str], cwd: str,
                  port: int, health_path: Optional[str], health_interval: float = 0.05,
                  start_timeout: float = 300, stop_timeout: float = 10,
                  stop_command: Optional[str] = None, log: ModelLog,
-                 runtime_dir: Optional[str], http, host: str = "127.0.0.1"):
+                 runtime_dir: Optional[str], http: HTTPClient,
+                 host: str = "127.0.0.1") -> None:
         self._reactor = reactor
         self.model_id = model_id
         self.command = command
@@ -127,7 +137,7 @@ class Backend:
         self.ready_at: Optional[float] = None
         self.status: Optional[str] = None
         self.returncode: Optional[int] = None
-        self._transport = None
+        self._transport: Optional[IProcessTransport] = None
         self._exit: OneShotObserver[str] = OneShotObserver()
         self._pipes_done: OneShotObserver[None] = OneShotObserver()
         self._pipes_open = False
@@ -182,7 +192,7 @@ class Backend:
         if index == 0:
             self.ready_at = self._reactor.seconds()
             self.model_log.note(f"ready on port {self.port} "
-                                f"after {self.ready_at - self.started_at:.2f} s")
+                                f"after {self.ready_at - cast(float, self.started_at):.2f} s")
             return
         if index == 1:
             await self.stop()
@@ -190,8 +200,8 @@ class Backend:
             if self._stop_requested:
                 message = f"model {self.model_id!r} was stopped before it was ready"
             else:
-                how = (f"exited with status {self.returncode}" if self.returncode >= 0
-                       else f"was killed by signal {-self.returncode}")
+                how = (f"exited with status {self.returncode}" if cast(int, self.returncode) >= 0
+                       else f"was killed by signal {-cast(int, self.returncode)}")
                 message = (f"model {self.model_id!r} {how} before it was "
                            f"ready{self._last_lines()}")
             raise StartError(message, "exited")
@@ -229,7 +239,7 @@ class Backend:
             runtime.write_record(self.runtime_dir, self.model_id, self.pid, self.command,
                                  self.log, run_id=self.run_id)
 
-    def _end_probing(self, result):
+    def _end_probing(self, result: T) -> T:
         self._probing = False
         return result
 
@@ -265,7 +275,7 @@ class Backend:
             raise
         except Exception:
             pass
-        return response.code
+        return cast(int, response.code)
 
     def _url(self, path: str) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -288,7 +298,7 @@ class Backend:
 
     # -- the process's events -------------------------------------------------------------
 
-    def exited(self) -> defer.Deferred:
+    def exited(self) -> defer.Deferred[str]:
         """A new Deferred that fires with a short status text once the main process exits."""
         return self._exit.when_fired()
 
@@ -299,7 +309,7 @@ class Backend:
             self.log.failure("writing the output of {model} to {path}",
                              model=self.model_id, path=self.model_log.path)
 
-    def _pid_known(self) -> defer.Deferred:
+    def _pid_known(self) -> defer.Deferred[None]:
         """Fires once L{server_pid} is read, or can no longer come. The supervisor reports it
         long before the server can answer; only reading the report may still be pending."""
         return self._pid_done.when_fired()
@@ -321,10 +331,10 @@ class Backend:
         """No (more) pid report can come: release whoever waits for one."""
         self._pid_done.fire(None)
 
-    def _main_exited(self, reason) -> None:
+    def _main_exited(self, reason: Failure) -> None:
         try:
             self.status = describe_exit(reason)
-            value = reason.value
+            value: Any = reason.value
             self.returncode = (-value.signal if getattr(value, "signal", None)
                                else getattr(value, "exitCode", None) or 0)
             self.model_log.note(f"pid {self.pid} ended: {self.status}")
@@ -337,7 +347,7 @@ class Backend:
                 self._ensure_stopping()
         except Exception:
             self.log.failure("handling the exit of {model}", model=self.model_id)
-        self._exit.fire(self.status)
+        self._exit.fire(cast(str, self.status))
 
     def _pipes_closed(self) -> None:
         self._pipes_open = False
@@ -350,13 +360,13 @@ class Backend:
 
     # -- stop -----------------------------------------------------------------------------
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[None]:
         """Stop the whole process group; fire when none of it is left. Safe to call again."""
         if self.pid is not None and self.status is None:
             self._stop_requested = True
         return self._ensure_stopping()
 
-    def _ensure_stopping(self) -> defer.Deferred:
+    def _ensure_stopping(self) -> defer.Deferred[None]:
         if self._stopped is None:
             self._stopping = True
             self._stopped = OneShotObserver()
@@ -365,7 +375,7 @@ class Backend:
             stopping.addBoth(self._stopped.fire)
         return self._stopped.when_fired()
 
-    def _stop_failed(self, failure) -> None:
+    def _stop_failed(self, failure: Failure) -> None:
         self.log.failure("stopping {model} (pid {pid})", failure, model=self.model_id,
                          pid=self.pid)
 
@@ -388,11 +398,11 @@ class Backend:
 
     async def _run_stop_command(self) -> None:
         self.model_log.note(f"stop command: {self.stop_command}")
-        done = defer.Deferred()
+        done: defer.Deferred[None] = defer.Deferred()
         proto = _StopCommand(self, done)
         try:
             transport = self._reactor.spawnProcess(
-                proto, "/bin/sh", ["/bin/sh", "-c", self.stop_command], env=self.env,
+                proto, "/bin/sh", ["/bin/sh", "-c", cast(str, self.stop_command)], env=self.env,
                 path=self.cwd)
         except Exception:
             self.log.failure("running the stop command of {model}", model=self.model_id)
@@ -424,10 +434,10 @@ class Backend:
             return False
         return not ports.group_alive(self.pid) and not self._escaped()
 
-    def _escaped(self) -> list:
+    def _escaped(self) -> list[int]:
         """The processes of this run that left its group (a command that called setsid)."""
         try:
-            return supervisor.escaped_members(self.run_id, self.pid)
+            return supervisor.escaped_members(self.run_id, cast(int, self.pid))
         except OSError:
             self.log.failure("looking for the processes of {model}", model=self.model_id)
             return []
@@ -441,7 +451,7 @@ class Backend:
                                 f"process group")
             supervisor.signal_all(escaped, signum)
         try:
-            os.killpg(self.pid, signum)
+            os.killpg(cast(int, self.pid), signum)
             return
         except ProcessLookupError:
             pass
@@ -457,7 +467,7 @@ class Backend:
 
 
 class _StopCommand(protocol.ProcessProtocol):
-    def __init__(self, backend: Backend, done: defer.Deferred):
+    def __init__(self, backend: Backend, done: defer.Deferred[None]) -> None:
         self._backend = backend
         self._done = done
 
@@ -467,7 +477,7 @@ class _StopCommand(protocol.ProcessProtocol):
     def errReceived(self, data: bytes) -> None:
         self._backend._output(data, "stop-err")
 
-    def processEnded(self, reason) -> None:
+    def processEnded(self, reason: Failure) -> None:
         try:
             self._backend.model_log.flush()
             self._backend.model_log.note(f"stop command ended: {describe_exit(reason)}")
@@ -477,19 +487,19 @@ class _StopCommand(protocol.ProcessProtocol):
             self._done.callback(None)
 
 
-async def _first(ds: list) -> tuple:
+async def _first(ds: list[defer.Deferred[Any]]) -> tuple[int, Any]:
     """(index, result) of the first of C{ds} to fire; the others are cancelled.
 
     Unlike C{defer.race}, cancelling the wait is safe: the losers' late failures are ignored
     instead of firing an already-cancelled Deferred again.
     """
-    result = defer.Deferred()
+    result: defer.Deferred[tuple[int, Any]] = defer.Deferred()
 
-    def won(value, index):
+    def won(value: object, index: int) -> None:
         if not result.called:
             result.callback((index, value))
 
-    def lost(failure, index):
+    def lost(failure: Failure, index: int) -> None:
         if not result.called:
             result.errback(failure)
 

@@ -6,7 +6,7 @@ import os
 import time
 from collections import deque
 from datetime import datetime
-from typing import Callable, Optional
+from typing import BinaryIO, Callable, Optional, cast
 
 from twisted.logger import Logger
 
@@ -26,7 +26,7 @@ class _Partial:
 
     __slots__ = ("head", "dropped")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.head = bytearray()
         self.dropped = 0
 
@@ -42,13 +42,13 @@ class ModelLog:
     """
 
     def __init__(self, path: str, max_bytes: int = 10 * 2**20, backups: int = 3,
-                 clock: Optional[Callable[[], float]] = None, max_line: int = 8192):
+                 clock: Optional[Callable[[], float]] = None, max_line: int = 8192) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
         self.max_line = max_line
         self._clock = clock or time.time
-        self._file = None
+        self._file: Optional[BinaryIO] = None
         self._size = 0
         self._partials: dict[str, _Partial] = {}
         self._tail: deque[str] = deque(maxlen=_TAIL_KEPT)
@@ -149,9 +149,9 @@ class ModelLog:
             self._open()
             if self._size and self._size + len(record) > self.max_bytes:
                 self._rotate()
-            self._file.write(record)
+            cast(BinaryIO, self._file).write(record)  # opened above
             self._size += len(record)
-        self._file.flush()
+        cast(BinaryIO, self._file).flush()
         if self._followers:
             self._followers.tell([f"{stamp} {line}" for line in lines], lambda: _log.failure(
                 "a follower of {path} failed", path=self.path))
@@ -165,7 +165,7 @@ class ModelLog:
             self._size = self._file.tell()
 
     def _rotate(self) -> None:
-        self._file.close()
+        cast(BinaryIO, self._file).close()
         self._file = None
         if self.backups > 0:
             for i in range(self.backups - 1, 0, -1):

@@ -10,13 +10,16 @@ import json
 import os
 import signal
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 from urllib.parse import quote
 
 import psutil
 
 from llmnode.launcher.supervisor import (MODULE, escaped_members, group_members, run_members,
                                          signal_all)
+
+if TYPE_CHECKING:
+    from twisted.logger import Logger
 
 MARKER = "llmnode-supervisor"
 _TERM_WAIT = 3.0
@@ -34,7 +37,7 @@ def _create_time(pid: int) -> Optional[float]:
         return None
 
 
-def write_record(runtime_dir: str, model_id: str, pid: int, command: str, log,
+def write_record(runtime_dir: str, model_id: str, pid: int, command: str, log: Logger,
                  run_id: Optional[str] = None) -> None:
     """Record the group led by C{pid} (the supervisor) and the run id its processes carry;
     failures are logged, not raised."""
@@ -52,7 +55,7 @@ def write_record(runtime_dir: str, model_id: str, pid: int, command: str, log,
         log.failure("writing the runtime record {path}", path=path)
 
 
-def remove_record(runtime_dir: str, model_id: str, pid: int, log) -> None:
+def remove_record(runtime_dir: str, model_id: str, pid: int, log: Logger) -> None:
     """Remove the record of C{model_id} if it is still the one of C{pid}."""
     path = record_path(runtime_dir, model_id)
     try:
@@ -66,7 +69,7 @@ def remove_record(runtime_dir: str, model_id: str, pid: int, log) -> None:
         log.failure("removing the runtime record {path}", path=path)
 
 
-def _same_process(pid: int, create_time) -> Optional[psutil.Process]:
+def _same_process(pid: int, create_time: Any) -> Optional[psutil.Process]:
     """The process C{pid} if it is still the one created at C{create_time}."""
     try:
         process = psutil.Process(pid)
@@ -77,7 +80,7 @@ def _same_process(pid: int, create_time) -> Optional[psutil.Process]:
         return None
 
 
-def _is_our_supervisor(record: dict) -> bool:
+def _is_our_supervisor(record: dict[str, Any]) -> bool:
     pid = record.get("pid")
     if not isinstance(pid, int) or pid <= 1 or record.get("pgid") != pid:
         return False
@@ -107,7 +110,7 @@ def _wait_group(pgid: int, seconds: float) -> bool:
     return False
 
 
-def reclaim(runtime_dir: str, log) -> list[int]:
+def reclaim(runtime_dir: str, log: Logger) -> list[int]:
     """Stop the backends a previous node recorded in C{runtime_dir} and left running.
 
     Only a group whose leader still matches its record (pid, creation time, the supervisor on its
@@ -117,7 +120,7 @@ def reclaim(runtime_dir: str, log) -> list[int]:
     @param log: a L{twisted.logger.Logger}.
     @return: the group ids that were stopped.
     """
-    stopped = []
+    stopped: list[int] = []
     try:
         names = sorted(os.listdir(runtime_dir))
     except FileNotFoundError:
@@ -172,7 +175,7 @@ def reclaim(runtime_dir: str, log) -> list[int]:
                      "stopping them", model=model, pid=record.get("pid"), count=len(pids),
                      pids=", ".join(map(str, pids)), command=command)
             _stop_run(run_id, None)
-            stopped.append(record.get("pgid"))
+            stopped.append(cast(int, record.get("pgid")))
         else:
             log.info("removing the runtime record of {model} (pid {pid}): nothing of it runs",
                      model=model, pid=record.get("pid"))
@@ -186,7 +189,7 @@ def _stop_run(run_id: Optional[str], pgid: Optional[int]) -> None:
     if run_id is None:
         return
 
-    def left() -> list:
+    def left() -> list[int]:
         return run_members(run_id) if pgid is None else escaped_members(run_id, pgid)
 
     for signum, wait in ((signal.SIGTERM, _TERM_WAIT), (signal.SIGKILL, _KILL_WAIT)):
@@ -201,7 +204,7 @@ def _stop_run(run_id: Optional[str], pgid: Optional[int]) -> None:
             time.sleep(0.05)
 
 
-def _remove(path: str, log) -> None:
+def _remove(path: str, log: Logger) -> None:
     try:
         os.remove(path)
     except FileNotFoundError:

@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 #: The name that marks a supervisor's command line (checked by L{llmnode.launcher.reclaim}).
 MODULE = "llmnode.launcher.supervisor"
@@ -36,7 +36,7 @@ _POLL = 0.05
 
 
 def argv(python: str, package_root: str, node_pid: int, grace: float, command: str,
-         pid_fd: Optional[int] = None) -> list:
+         pid_fd: Optional[int] = None) -> list[str]:
     """The argument vector that runs a supervisor for C{command}.
 
     C{-I} keeps the backend's environment (PYTHONPATH, PYTHONHOME...) away from the supervisor's
@@ -136,7 +136,7 @@ def last_command(command: str) -> Optional[tuple[int, int, str]]:
         word = lexer.get_token()
         at = 0
         while word is not None and _ASSIGNMENT.match(word):
-            at = lexer.instream.tell()
+            at = lexer.instream.tell()  # type: ignore[attr-defined]  # a StringIO
             word = lexer.get_token()
     except ValueError:
         return None
@@ -154,14 +154,14 @@ def last_command(command: str) -> Optional[tuple[int, int, str]]:
 RUN_VARIABLE = "LLMNODE_RUN"
 
 
-def run_members(run_id: str) -> list:
+def run_members(run_id: str) -> list[int]:
     """Pids of the live processes whose environment carries C{LLMNODE_RUN=run_id} (Linux
     /proc; a zombie's environment reads empty, another user's not at all)."""
     marker = f"{RUN_VARIABLE}={run_id}".encode()
     return [pid for pid, environ in _each_process("environ") if marker in environ.split(b"\0")]
 
 
-def _each_process(entry: str):
+def _each_process(entry: str) -> Iterator[tuple[int, bytes]]:
     """C{(pid, content)} of C{/proc/PID/entry} for every process whose file can be read."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -173,7 +173,7 @@ def _each_process(entry: str):
             continue
 
 
-def escaped_members(run_id: str, pgid: int) -> list:
+def escaped_members(run_id: str, pgid: int) -> list[int]:
     """The processes of run C{run_id} outside process group C{pgid}: a command that called
     C{setsid}, and what it started."""
     escaped = []
@@ -186,7 +186,7 @@ def escaped_members(run_id: str, pgid: int) -> list:
     return escaped
 
 
-def signal_all(pids: list, signum: int) -> None:
+def signal_all(pids: list[int], signum: int) -> None:
     """Send C{signum} to each of C{pids}, ignoring those already gone."""
     for pid in pids:
         try:
@@ -195,7 +195,7 @@ def signal_all(pids: list, signum: int) -> None:
             pass
 
 
-def group_members(pgid: int) -> list:
+def group_members(pgid: int) -> list[int]:
     """Pids of the processes in group C{pgid}, zombies excluded (Linux /proc)."""
     members = []
     for pid, stat in _each_process("stat"):
@@ -209,17 +209,18 @@ class _NodeDied(Exception):
     pass
 
 
-def _node_died(signum, frame):
+def _node_died(signum: int, frame: object) -> None:
     raise _NodeDied()
 
 
-def _stay(signum, frame):
+def _stay(signum: int, frame: object) -> None:
     """The node signals the whole group: the command gets the signal itself, and this process
     stays to report the command's status. (A handler, unlike SIG_IGN, is not inherited.)"""
 
 
 class Supervisor:
-    def __init__(self, node_pid: int, grace: float, command: str, pid_fd: Optional[int] = None):
+    def __init__(self, node_pid: int, grace: float, command: str,
+                 pid_fd: Optional[int] = None) -> None:
         self.node_pid = node_pid
         self.grace = grace
         self.command = command
@@ -265,7 +266,8 @@ class Supervisor:
         deadline = time.monotonic() + self.grace
         while time.monotonic() < deadline:
             try:
-                others = [p for p in group_members(pgid) + self._escaped() if p != me]
+                others: list[Optional[int]] = [
+                    p for p in group_members(pgid) + self._escaped() if p != me]
             except OSError:
                 others = [None]
             if not others:
@@ -285,7 +287,7 @@ class Supervisor:
             pass
 
     @staticmethod
-    def _escaped() -> list:
+    def _escaped() -> list[int]:
         run_id = os.environ.get(RUN_VARIABLE)
         return escaped_members(run_id, os.getpgid(0)) if run_id else []
 
@@ -315,7 +317,7 @@ class Supervisor:
         return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
 
 
-def main(args: list) -> None:
+def main(args: list[str]) -> None:
     node_pid, grace, command, pid_fd = None, 10.0, None, None
     i = 0
     while i < len(args):
