@@ -28,15 +28,17 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 #: What C{--garbage} answers on every connection before closing it.
 GARBAGE = b"this is not http\r\n\r\n"
@@ -192,7 +194,7 @@ def relevance_score(query: str, document: str) -> float:
     return round(0.9 * overlap + 0.0999 * jitter, 6)
 
 
-def rank(query: str, documents: list[str], top_n: Optional[int] = None) -> list[dict]:
+def rank(query: str, documents: list[str], top_n: Optional[int] = None) -> list[dict[str, Any]]:
     """Rerank results, best first: C{[{"index": i, "relevance_score": s}, ...]}."""
     scored = [
         {"index": index, "relevance_score": relevance_score(query, document)}
@@ -266,13 +268,13 @@ def _echo_text(value: Any) -> str:
 class BadRequest(Exception):
     """A request the backend refuses with a 400; C{param} names the offending field."""
 
-    def __init__(self, message: str, param: Optional[str] = None):
+    def __init__(self, message: str, param: Optional[str] = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
 
 
-def _optional_int(body: dict, name: str) -> Optional[int]:
+def _optional_int(body: dict[str, Any], name: str) -> Optional[int]:
     value = body.get(name)
     if value is None:
         return None
@@ -281,7 +283,7 @@ def _optional_int(body: dict, name: str) -> Optional[int]:
     return value
 
 
-def _optional_interval(body: dict, name: str) -> Optional[float]:
+def _optional_interval(body: dict[str, Any], name: str) -> Optional[float]:
     value = body.get(name)
     if value is None:
         return None
@@ -290,21 +292,22 @@ def _optional_interval(body: dict, name: str) -> Optional[float]:
     return float(value)
 
 
-def _error_body(message: str, kind: str, param: Optional[str] = None, code: Any = None) -> dict:
+def _error_body(message: str, kind: str, param: Optional[str] = None,
+                code: Any = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class BackendStats:
     """What C{/debug/stats} reports; mutated by the resource and the channels."""
 
-    def __init__(self, pid: int, started: float):
+    def __init__(self, pid: int, started: float) -> None:
         self.pid = pid
         self.started = started
         self.requests = 0
         self.open_connections = 0
         self.disconnects: list[float] = []
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         return {
             "pid": self.pid,
             "requests": self.requests,
@@ -317,16 +320,16 @@ class BackendStats:
 class _Exchange:
     """One request in flight: whether the client left, and the timer it waits on."""
 
-    def __init__(self, request):
+    def __init__(self, request: Request) -> None:
         self.request = request
-        self.channel = getattr(request, "channel", None)
+        self.channel: Any = getattr(request, "channel", None)
         self.gone = False
         self.done = False
         self.dying = False
         self.pending: Optional[IDelayedCall] = None
         self.path = "/"
         self.query = ""
-        self.echo: Optional[dict] = None
+        self.echo: Optional[dict[str, Any]] = None
 
     def cancel_pending(self) -> None:
         if self.pending is not None and self.pending.active():
@@ -354,7 +357,7 @@ class DemoResource(Resource):
         stats: BackendStats,
         exit: Callable[[int], Any],
         wallclock: Callable[[], float] = time.time,
-    ):
+    ) -> None:
         super().__init__()
         self._options = options
         self._clock = clock
@@ -364,7 +367,7 @@ class DemoResource(Resource):
         self._started = clock.seconds()
         self._counter = 0
         self._exiting = False
-        self._routes = {
+        self._routes: dict[tuple[str, str], Callable[..., Any]] = {
             ("GET", "/health"): self._health,
             ("GET", "/debug/stats"): self._debug_stats,
             ("GET", "/v1/models"): self._models,
@@ -396,7 +399,7 @@ class DemoResource(Resource):
         self._routes.update(self._raw_routes)
         self._paths = {path for _, path in self._routes} | {"/debug/echo"}
 
-    def render(self, request):
+    def render(self, request: Request) -> int:
         exchange = _Exchange(request)
         request.notifyFinish().addErrback(lambda _: self._client_gone(exchange))
         if self._options.slow_headers > 0:
@@ -484,7 +487,7 @@ class DemoResource(Resource):
         except BadRequest as error:
             self._send_error(exchange, 400, error.message, error.param)
 
-    def _echo(self, exchange: _Exchange, request, raw: bytes) -> dict:
+    def _echo(self, exchange: _Exchange, request: Request, raw: bytes) -> dict[str, Any]:
         headers: dict[str, str] = {}
         for name, values in request.requestHeaders.getAllRawHeaders():
             key = name.decode("latin-1").lower()
@@ -502,7 +505,7 @@ class DemoResource(Resource):
 
     # Sending.
 
-    def _send_json(self, exchange: _Exchange, code: int, payload: dict) -> None:
+    def _send_json(self, exchange: _Exchange, code: int, payload: dict[str, Any]) -> None:
         if exchange.echo is not None:
             payload = dict(payload, llmnode_echo=exchange.echo)
         data = json.dumps(payload).encode("utf-8")
@@ -555,7 +558,7 @@ class DemoResource(Resource):
         self._counter += 1
         return f"{prefix}-demo-{self._counter}"
 
-    def _model(self, body: Optional[dict]) -> str:
+    def _model(self, body: Optional[dict[str, Any]]) -> str:
         model = body.get("model") if body else None
         return model if isinstance(model, str) else self._options.model_name
 
@@ -581,15 +584,15 @@ class DemoResource(Resource):
         }
         self._send_json(exchange, 200, {"object": "list", "data": [model]})
 
-    def _chat(self, exchange: _Exchange, body: dict) -> None:
+    def _chat(self, exchange: _Exchange, body: dict[str, Any]) -> None:
         seen = last_user_message(body.get("messages"))
         self._generate(exchange, body, seen, chat=True)
 
-    def _completions(self, exchange: _Exchange, body: dict) -> None:
+    def _completions(self, exchange: _Exchange, body: dict[str, Any]) -> None:
         seen = prompt_text(body.get("prompt"))
         self._generate(exchange, body, seen, chat=False)
 
-    def _generate(self, exchange: _Exchange, body: dict, seen: str, chat: bool) -> None:
+    def _generate(self, exchange: _Exchange, body: dict[str, Any], seen: str, chat: bool) -> None:
         text = answer_text(seen, _optional_int(body, "echo_bytes"))
         chunks = _optional_int(body, "chunks")
         interval = _optional_interval(body, "chunk_interval")
@@ -636,7 +639,7 @@ class DemoResource(Resource):
             },
         )
 
-    def _chunk_template(self, body: dict, chat: bool) -> dict:
+    def _chunk_template(self, body: dict[str, Any], chat: bool) -> dict[str, Any]:
         return {
             "id": self._next_id("chatcmpl" if chat else "cmpl"),
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -644,7 +647,7 @@ class DemoResource(Resource):
             "model": self._model(body),
         }
 
-    def _embeddings(self, exchange: _Exchange, body: dict) -> None:
+    def _embeddings(self, exchange: _Exchange, body: dict[str, Any]) -> None:
         given = body.get("input")
         if isinstance(given, str):
             texts = [given]
@@ -675,7 +678,7 @@ class DemoResource(Resource):
             },
         )
 
-    def _rerank(self, exchange: _Exchange, body: dict) -> None:
+    def _rerank(self, exchange: _Exchange, body: dict[str, Any]) -> None:
         query = body.get("query")
         if not isinstance(query, str):
             raise BadRequest("query must be a string", "query")
@@ -709,7 +712,7 @@ class DemoResource(Resource):
         )
 
 
-    def _responses(self, exchange: _Exchange, body: dict) -> None:
+    def _responses(self, exchange: _Exchange, body: dict[str, Any]) -> None:
         given = body.get("input")
         seen = given if isinstance(given, str) else last_user_message(given)
         text = answer_text(seen, _optional_int(body, "echo_bytes"))
@@ -730,7 +733,7 @@ class DemoResource(Resource):
                       "output_tokens_details": {"reasoning_tokens": 0}},
         })
 
-    def _messages(self, exchange: _Exchange, body: dict) -> None:
+    def _messages(self, exchange: _Exchange, body: dict[str, Any]) -> None:
         seen = last_user_message(body.get("messages"))
         text = answer_text(seen, None)
         self._send_json(exchange, 200, {
@@ -740,11 +743,11 @@ class DemoResource(Resource):
             "usage": {"input_tokens": count_tokens(seen), "output_tokens": count_tokens(text)},
         })
 
-    def _count_tokens(self, exchange: _Exchange, body: dict) -> None:
+    def _count_tokens(self, exchange: _Exchange, body: dict[str, Any]) -> None:
         seen = last_user_message(body.get("messages"))
         self._send_json(exchange, 200, {"input_tokens": count_tokens(seen)})
 
-    def _native_completion(self, exchange: _Exchange, body: dict) -> None:
+    def _native_completion(self, exchange: _Exchange, body: dict[str, Any]) -> None:
         if exchange.path == "/infill":
             prefix, suffix = body.get("input_prefix", ""), body.get("input_suffix", "")
             seen = f"{_echo_text(prefix)}|{_echo_text(suffix)}"
@@ -756,20 +759,20 @@ class DemoResource(Resource):
             "tokens_evaluated": count_tokens(seen), "tokens_predicted": count_tokens(text),
         })
 
-    def _tokenize(self, exchange: _Exchange, body: dict) -> None:
+    def _tokenize(self, exchange: _Exchange, body: dict[str, Any]) -> None:
         content = body.get("content")
         if not isinstance(content, str):
             raise BadRequest("content must be a string", "content")
         self._send_json(exchange, 200, {"tokens": [token_id(word) for word in
                                                    _WORD.findall(content)]})
 
-    def _detokenize(self, exchange: _Exchange, body: dict) -> None:
+    def _detokenize(self, exchange: _Exchange, body: dict[str, Any]) -> None:
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
             raise BadRequest("tokens must be a list of integers", "tokens")
         self._send_json(exchange, 200, {"content": " ".join(f"<{t}>" for t in tokens)})
 
-    def _speech(self, exchange: _Exchange, body: dict) -> None:
+    def _speech(self, exchange: _Exchange, body: dict[str, Any]) -> None:
         text = body.get("input")
         if not isinstance(text, str) or not text:
             raise BadRequest("input must be a non-empty string", "input")
@@ -786,13 +789,13 @@ class DemoResource(Resource):
         pieces = [audio[start:start + size] for start in range(0, len(audio), size)]
         _Pieces(self, exchange, pieces, interval or 0.0).start()
 
-    def _image_generations(self, exchange: _Exchange, body: dict) -> None:
+    def _image_generations(self, exchange: _Exchange, body: dict[str, Any]) -> None:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise BadRequest("prompt must be a string", "prompt")
         self._send_images(exchange, prompt, body.get("n"), body.get("response_format"))
 
-    def _image_edits(self, exchange: _Exchange, raw: bytes, content_type) -> None:
+    def _image_edits(self, exchange: _Exchange, raw: bytes, content_type: Optional[bytes]) -> None:
         form = _form(exchange, raw, content_type,
                      (b"model", b"prompt", b"image", b"image[]", b"n", b"response_format"))
         image = form.get(b"image", form.get(b"image[]"))
@@ -804,7 +807,8 @@ class DemoResource(Resource):
                           int(n) if n is not None and n.isdigit() else None,
                           form.get(b"response_format", b"b64_json").decode("ascii", "replace"))
 
-    def _send_images(self, exchange: _Exchange, prompt: str, n: Any, response_format: Any):
+    def _send_images(self, exchange: _Exchange, prompt: str, n: Any,
+                     response_format: Any) -> None:
         count = 1 if n is None else n
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 10:
             raise BadRequest("n must be 1 to 10", "n")
@@ -817,7 +821,8 @@ class DemoResource(Resource):
         self._send_json(exchange, 200, {"created": int(self._wallclock()),
                                         "data": [dict(item) for _ in range(count)]})
 
-    def _transcription(self, exchange: _Exchange, raw: bytes, content_type) -> None:
+    def _transcription(self, exchange: _Exchange, raw: bytes,
+                       content_type: Optional[bytes]) -> None:
         form = _form(exchange, raw, content_type,
                      (b"model", b"file", b"response_format", b"language"))
         audio = form.get(b"file")
@@ -875,7 +880,7 @@ def speech_wav(text: str) -> bytes:
 
 
 def _form(exchange: _Exchange, raw: bytes, content_type: Optional[bytes],
-          names: tuple) -> dict:
+          names: tuple[bytes, ...]) -> dict[bytes, bytes]:
     """The fields C{names} of a multipart/form-data body: name -> value bytes. Its C{model}
     goes into the echo."""
     from llmnode.errors import NodeError
@@ -895,7 +900,7 @@ class _Pieces:
     """A body written in pieces, C{interval} seconds apart (the response head is set)."""
 
     def __init__(self, resource: DemoResource, exchange: _Exchange, pieces: list[bytes],
-                 interval: float):
+                 interval: float) -> None:
         self._resource = resource
         self._exchange = exchange
         self._pieces = pieces
@@ -931,10 +936,10 @@ class _Stream:
         exchange: _Exchange,
         pieces: list[str],
         interval: float,
-        template: dict,
+        template: dict[str, Any],
         chat: bool,
-        usage: Optional[dict] = None,
-    ):
+        usage: Optional[dict[str, Any]] = None,
+    ) -> None:
         self._resource = resource
         self._exchange = exchange
         self._pieces = pieces
@@ -955,7 +960,7 @@ class _Stream:
             return
         self._send(0)
 
-    def _event(self, index: int) -> dict:
+    def _event(self, index: int) -> dict[str, Any]:
         piece = self._pieces[index]
         last = index == len(self._pieces) - 1
         if self._chat:
@@ -1005,9 +1010,12 @@ class _Stream:
 class DemoChannel(HTTPChannel):
     """An HTTP channel that disables Nagle, counts itself open, and says when it is gone."""
 
-    def connectionMade(self):
+    transport: ITCPTransport
+    site: DemoSite
+
+    def connectionMade(self) -> None:
         super().connectionMade()
-        self._lost_waiters: list[Deferred] = []
+        self._lost_waiters: list[Deferred[None]] = []
         self._connection_gone = False
         try:
             self.transport.setTcpNoDelay(True)
@@ -1015,7 +1023,7 @@ class DemoChannel(HTTPChannel):
             pass
         self.site.stats.open_connections += 1
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._connection_gone = True
         self.site.stats.open_connections -= 1
         try:
@@ -1025,9 +1033,9 @@ class DemoChannel(HTTPChannel):
             for waiter in waiters:
                 waiter.callback(None)
 
-    def when_lost(self) -> Deferred:
+    def when_lost(self) -> Deferred[None]:
         """A Deferred that fires once the connection has closed."""
-        waiter: Deferred = Deferred()
+        waiter: Deferred[None] = Deferred()
         if self._connection_gone:
             waiter.callback(None)
         else:
@@ -1038,10 +1046,10 @@ class DemoChannel(HTTPChannel):
 class DemoSite(Site):
     """The backend's HTTP factory: L{DemoChannel}s over a L{DemoResource}, no form parsing."""
 
-    protocol = DemoChannel
+    protocol = DemoChannel  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, resource: DemoResource, stats: BackendStats):
+    def __init__(self, resource: DemoResource, stats: BackendStats) -> None:
         try:
             super().__init__(resource, parsePOSTFormSubmission=False)
         except TypeError:
@@ -1052,7 +1060,9 @@ class DemoSite(Site):
 class GarbageProtocol(Protocol):
     """Answers any connection with non-HTTP bytes, then closes it."""
 
-    def connectionMade(self):
+    transport: ITCPTransport
+
+    def connectionMade(self) -> None:
         self.transport.write(GARBAGE)
         self.transport.loseConnection()
 
@@ -1063,7 +1073,7 @@ def build_factory(
     stats: BackendStats,
     exit: Callable[[int], Any],
     wallclock: Callable[[], float] = time.time,
-) -> ServerFactory:
+) -> Factory[Any]:
     """The factory to listen with: a L{DemoSite}, or garbage with C{--garbage}."""
     if options.garbage:
         factory = ServerFactory.forProtocol(GarbageProtocol)
@@ -1134,12 +1144,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     stats = BackendStats(pid=os.getpid(), started=time.time())
     factory = build_factory(options, reactor, stats, _hard_exit)
-    port = reactor.listenTCP(options.port, factory, interface=options.host)
+    port = reactor.listenTCP(options.port, factory,  # type: ignore[arg-type]
+                             interface=options.host)
     newline = "\n" if options.long_line else ""
-    address = f"{options.host}:{port.getHost().port}"
+    address = f"{options.host}:{cast(IPv4Address, port.getHost()).port}"
     line = f"{newline}listening on {address} pid {os.getpid()}"
     reactor.callWhenRunning(print, line, flush=True)
-    reactor.run(installSignalHandlers=not options.ignore_sigterm)
+    reactor.run(installSignalHandlers=not options.ignore_sigterm)  # type: ignore[call-arg]
     del held
 
 

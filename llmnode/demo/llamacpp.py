@@ -16,12 +16,13 @@ import argparse
 import os
 import signal
 import sys
+from typing import Any, Optional, Sequence
 from urllib.parse import urlsplit
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)
 
 
-def parse_args(argv):
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """
     Parse the command line.
     """
@@ -50,7 +51,7 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def build_params(xllamacpp, options):
+def build_params(xllamacpp: Any, options: argparse.Namespace) -> Any:
     """
     Translate C{options} into an C{xllamacpp.CommonParams}.
     """
@@ -71,7 +72,7 @@ def build_params(xllamacpp, options):
     return params
 
 
-def _catch_stop_signals():
+def _catch_stop_signals() -> int:
     """
     Route the stop signals, whichever thread receives them, to a pipe.
 
@@ -85,7 +86,7 @@ def _catch_stop_signals():
     return reader
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     Run the server until a stop signal; return the exit status.
     """

@@ -7,7 +7,7 @@ start answers when the model is ready (or failed), from a Deferred.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -21,6 +21,18 @@ from llmnode.web.common import (ErrorResource, PendingResponse, method_not_allow
                                 render_json)
 from llmnode.web.logs import LogResource
 
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.python.failure import Failure
+
+    from llmnode.config import Model
+    from llmnode.node import ModelRuntime, Node
+    from llmnode.web.logs import LogSource
+    from llmnode.web.server import WebRequest
+
+#: A JSON answer: its status and body.
+Answer = tuple[int, Any]
+
 log = Logger()
 
 
@@ -30,7 +42,7 @@ class _JSONResource(Resource):
 
     isLeaf = True
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes | int:
         method = request.method.decode("ascii", "replace")
         handler = getattr(self, "json_" + ("GET" if method == "HEAD" else method), None)
         if handler is None:
@@ -47,12 +59,12 @@ class _JSONResource(Resource):
         return render_json(request, status, body)
 
 
-def _answer_later(response: PendingResponse, d: defer.Deferred) -> None:
+def _answer_later(response: PendingResponse, d: defer.Deferred[Answer]) -> None:
     """Answer with C{d}'s (status, body) or its NodeError, unless the client left."""
 
-    def failed(failure):
+    def failed(failure: Failure) -> None:
         if failure.check(NodeError):
-            response.send_error(failure.value)
+            response.send_error(cast(NodeError, failure.value))
         else:
             log.failure("management request failed", failure)
             response.send_error(NodeError(f"internal error: {failure.getErrorMessage()}"))
@@ -64,10 +76,10 @@ def _answer_later(response: PendingResponse, d: defer.Deferred) -> None:
 class _Group(Resource):
     """An inner node of the tree: unknown children and the node itself get a JSON 404."""
 
-    def getChild(self, path, request):
+    def getChild(self, path: bytes, request: WebRequest) -> Resource:
         return ErrorResource()
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes | int:
         return ErrorResource().render(request)
 
 
@@ -79,11 +91,11 @@ class HealthResource(_JSONResource):
     readiness probe must not send requests to a node that cannot place a model yet.
     """
 
-    def __init__(self, api: "ApiResource"):
+    def __init__(self, api: "ApiResource") -> None:
         super().__init__()
         self.api = api
 
-    def json_GET(self, request):
+    def json_GET(self, request: WebRequest) -> Answer:
         by_state = {state: 0 for state in STATES}
         for runtime in self.api.node.runtimes():
             by_state[runtime.state] += 1
@@ -102,22 +114,22 @@ class HealthResource(_JSONResource):
 class DevicesResource(_JSONResource):
     """C{GET /api/devices}: each device's total, free and reserved memory and who holds it."""
 
-    def __init__(self, api: "ApiResource"):
+    def __init__(self, api: "ApiResource") -> None:
         super().__init__()
         self.api = api
 
-    def json_GET(self, request):
+    def json_GET(self, request: WebRequest) -> Answer:
         return 200, {"devices": self.api.devices()}
 
 
 class ModelsResource(_Group):
     """C{/api/models}: the list, C{stop-all}, and one child per model name."""
 
-    def __init__(self, api: "ApiResource"):
+    def __init__(self, api: "ApiResource") -> None:
         super().__init__()
         self.api = api
 
-    def getChild(self, path, request):
+    def getChild(self, path: bytes, request: WebRequest) -> Resource:
         name = path.decode("utf-8", "replace")
         if name == "stop-all":
             return StopAllResource(self.api)
@@ -128,27 +140,27 @@ class ModelsResource(_Group):
             return ErrorResource(ModelNotFound(f"no model named {name[:200]!r}", param="model"))
         return ModelResource(runtime, self.api.model_log)
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes | int:
         return _ModelList(self.api).render(request)
 
 
 class _ModelList(_JSONResource):
-    def __init__(self, api: "ApiResource"):
+    def __init__(self, api: "ApiResource") -> None:
         super().__init__()
         self.api = api
 
-    def json_GET(self, request):
+    def json_GET(self, request: WebRequest) -> Answer:
         return 200, {"models": [runtime.info() for runtime in self.api.node.runtimes()]}
 
 
 class StopAllResource(_JSONResource):
     """C{POST /api/models/stop-all}: stop every model; answers when all are stopped."""
 
-    def __init__(self, api: "ApiResource"):
+    def __init__(self, api: "ApiResource") -> None:
         super().__init__()
         self.api = api
 
-    def json_POST(self, request):
+    def json_POST(self, request: WebRequest) -> Answer | defer.Deferred[Answer]:
         runtimes = [r for r in self.api.node.runtimes() if r.state is not STOPPED]
         d = self.api.node.stop_all()
         d.addCallback(lambda _: (200, {"stopped": [r.model.id for r in runtimes]}))
@@ -162,12 +174,13 @@ class ModelResource(Resource):
         logs are not served.
     """
 
-    def __init__(self, runtime, model_log: Optional[Callable] = None):
+    def __init__(self, runtime: ModelRuntime,
+                 model_log: Optional[Callable[[Model], LogSource]] = None) -> None:
         super().__init__()
         self.runtime = runtime
         self.model_log = model_log
 
-    def getChild(self, path, request):
+    def getChild(self, path: bytes, request: WebRequest) -> Resource:
         if path == b"logs" and self.model_log is not None:
             return LogResource(self.model_log(self.runtime.model))
         child = {b"info": ModelInfo, b"start": ModelStart, b"stop": ModelStop}.get(path)
@@ -175,52 +188,50 @@ class ModelResource(Resource):
             return ErrorResource()
         return child(self.runtime)
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes | int:
         return ModelInfo(self.runtime).render(request)
 
 
 class _ModelLeaf(_JSONResource):
-    def __init__(self, runtime):
+    def __init__(self, runtime: ModelRuntime) -> None:
         super().__init__()
         self.runtime = runtime
 
 
 class ModelInfo(_ModelLeaf):
-    def json_GET(self, request):
+    def json_GET(self, request: WebRequest) -> Answer:
         return 200, self.runtime.info()
 
 
 class ModelStart(_ModelLeaf):
     """Start a model; answers when it is ready, or at once with 202 given C{?wait=false}."""
 
-    def json_POST(self, request):
+    def json_POST(self, request: WebRequest) -> Answer | defer.Deferred[Answer]:
         wait = request.args.get(b"wait", [b"true"])[-1].lower() not in (b"false", b"0", b"no")
         d = self.runtime.start()
         if not wait:
             d.addErrback(lambda f: None)
             return 202, self.runtime.info()
-        d.addCallback(lambda _: (200, self.runtime.info()))
-        return d
+        return d.addCallback(lambda _: (200, self.runtime.info()))
 
 
 class ModelStop(_ModelLeaf):
     """Stop a model: it admits nothing new, its requests in flight finish, then it stops;
     answers once it is stopped."""
 
-    def json_POST(self, request):
+    def json_POST(self, request: WebRequest) -> Answer | defer.Deferred[Answer]:
         d = self.runtime.stop()
-        d.addCallback(lambda _: (200, self.runtime.info()))
-        return d
+        return d.addCallback(lambda _: (200, self.runtime.info()))
 
 
 class ReloadResource(_JSONResource):
     """C{POST /api/config/reload}: re-read the config file; an invalid one changes nothing."""
 
-    def __init__(self, api: "ApiResource"):
+    def __init__(self, api: "ApiResource") -> None:
         super().__init__()
         self.api = api
 
-    def json_POST(self, request):
+    def json_POST(self, request: WebRequest) -> Answer | defer.Deferred[Answer]:
         return 200, self.api.reload()
 
 
@@ -236,11 +247,12 @@ class ApiResource(_Group):
         L{NodeError} to answer (see L{llmnode.service.NodeService.reload_config}).
     """
 
-    def __init__(self, node, clock, *, devices: Callable[[], list],
-                 reload: Callable[[], dict],
-                 started_at: Optional[float] = None, node_log=None,
-                 model_log: Optional[Callable] = None,
-                 ready: Callable[[], bool] = lambda: True):
+    def __init__(self, node: Node, clock: IReactorTime, *,
+                 devices: Callable[[], list[dict[str, Any]]],
+                 reload: Callable[[], dict[str, Any]],
+                 started_at: Optional[float] = None, node_log: Optional[LogSource] = None,
+                 model_log: Optional[Callable[[Model], LogSource]] = None,
+                 ready: Callable[[], bool] = lambda: True) -> None:
         super().__init__()
         self.node = node
         self.clock = clock

@@ -13,20 +13,26 @@ import hashlib
 import hmac
 import ipaddress
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Iterable, Optional, cast
 
 from twisted.web.resource import Resource
 
 from llmnode.errors import Unauthorized
 from llmnode.web.common import render_error
 
+if TYPE_CHECKING:
+    from twisted.logger import Logger
+    from llmnode.web.server import WebRequest
+
+    from llmnode.config import Program
+
 #: First path segments that take the client keys (C{api_keys}); all others take admin keys.
 CLIENT_SEGMENTS = frozenset({b"v1", b"rerank", b"completion", b"infill", b"tokenize",
                              b"detokenize", b"upstream"})
 
 #: The rest of the path after C{/api}, and after C{/health}, that is the health endpoint.
-_API_HEALTH_PATHS = ([b"health"], [b"health", b""])
-_HEALTH_PATHS = ([], [b""])
+_API_HEALTH_PATHS: tuple[list[bytes], ...] = ([b"health"], [b"health", b""])
+_HEALTH_PATHS: tuple[list[bytes], ...] = ([], [b""])
 
 
 def _digest(key: bytes) -> bytes:
@@ -40,7 +46,7 @@ class KeySet:
     digests: tuple[bytes, ...]
 
     @classmethod
-    def of(cls, keys) -> "KeySet":
+    def of(cls, keys: Iterable[str]) -> "KeySet":
         return cls(tuple(_digest(key.encode("utf-8")) for key in keys))
 
     def __bool__(self) -> bool:
@@ -55,9 +61,9 @@ class KeySet:
         return found
 
 
-def bearer_token(request) -> Optional[bytes]:
+def bearer_token(request: WebRequest) -> Optional[bytes]:
     """The token of an C{Authorization: Bearer TOKEN} header, or None."""
-    value = request.getHeader(b"Authorization")
+    value: Optional[bytes] = request.getHeader(b"Authorization")
     if value is None:
         return None
     scheme, _, token = value.strip().partition(b" ")
@@ -73,7 +79,7 @@ class Guard:
     @param program: the L{llmnode.config.Program} with the key settings.
     """
 
-    def __init__(self, program):
+    def __init__(self, program: Program) -> None:
         self.client = KeySet.of(program.api_keys)
         self.admin = KeySet.of(program.admin_api_keys) or self.client
         self.open_health = program.open_health
@@ -81,7 +87,7 @@ class Guard:
         #: Whether any path needs a key at all.
         self.closed = bool(self.client) or bool(self.admin)
 
-    def keys_for(self, segment: bytes, rest: list) -> Optional[KeySet]:
+    def keys_for(self, segment: bytes, rest: list[bytes]) -> Optional[KeySet]:
         """The keys that open C{/segment/rest...}, or None when the path is open."""
         if segment in CLIENT_SEGMENTS:
             keys = self.client
@@ -94,12 +100,12 @@ class Guard:
             keys = self.admin
         return keys or None
 
-    def check(self, segment: bytes, request) -> Optional[Resource]:
+    def check(self, segment: bytes, request: WebRequest) -> Optional[UnauthorizedResource]:
         """None when the request may go on, else the resource answering its 401.
 
         An accepted C{Authorization} header is removed: the node's key is not the backend's.
         """
-        keys = self.keys_for(segment, request.postpath)
+        keys = self.keys_for(segment, cast("list[bytes]", request.postpath))
         if keys is None:
             return None
         token = bearer_token(request)
@@ -114,7 +120,7 @@ class UnauthorizedResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, missing: bool):
+    def __init__(self, missing: bool) -> None:
         super().__init__()
         self.missing = missing
 
@@ -125,7 +131,7 @@ class UnauthorizedResource(Resource):
                     b'Bearer realm="llmnode"')
         return Unauthorized("invalid API key"), b'Bearer realm="llmnode", error="invalid_token"'
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes:
         error, challenge = self.refusal()
         request.setHeader(b"WWW-Authenticate", challenge)
         return render_error(request, error)
@@ -141,7 +147,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def open_paths_warning(host: str, program) -> Optional[str]:
+def open_paths_warning(host: str, program: Program) -> Optional[str]:
     """What a node on C{host} serves to anyone without a key, as a warning; None if nothing."""
     if is_loopback(host):
         return None
@@ -154,7 +160,7 @@ def open_paths_warning(host: str, program) -> Optional[str]:
     return None
 
 
-def warn_if_open(host: str, program, log) -> None:
+def warn_if_open(host: str, program: Program, log: Logger) -> None:
     """Log a warning when a non-loopback node serves any path without a key."""
     warning = open_paths_warning(host, program)
     if warning is not None:

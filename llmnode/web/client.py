@@ -19,26 +19,37 @@ from __future__ import annotations
 import socket
 from collections import deque
 from functools import lru_cache
-from http.cookiejar import CookieJar
-from typing import Optional
+from http.client import HTTPResponse
+from http.cookiejar import Cookie, CookieJar
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 from httptools import HttpParserError, HttpResponseParser
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IConsumer, IPushProducer
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.interfaces import (IAddress, IConnector, IConsumer, IProducer, IProtocol,
+                                         IPushProducer, IReactorTCP)
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import (
-    PotentialDataLoss, RequestGenerationFailed, ResponseDone, ResponseFailed,
+    RequestGenerationFailed, ResponseDone, ResponseFailed,
     ResponseNeverReceived)
 from twisted.web.error import SchemeNotSupported
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IClientRequest, IResponse
 from zope.interface import implementer
 
 from llmnode.web.common import SocketWriter, headers_of, pairs_of
+
+if TYPE_CHECKING:
+    import urllib.request
+
+    from llmnode.web.common import ITCPConnection
+
+#: A backend's (host, port): the key of its pool of connections.
+Origin = tuple[str, int]
 
 #: Request headers the agent writes itself.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host"})
@@ -54,11 +65,11 @@ _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 class BytesBody:
     """A request body already in memory: the agent writes it together with the head."""
 
-    def __init__(self, body: bytes):
+    def __init__(self, body: bytes) -> None:
         self.body = body
         self.length = len(body)
 
-    def startProducing(self, consumer) -> Deferred:
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         consumer.write(self.body)
         return succeed(None)
 
@@ -72,7 +83,7 @@ class BytesBody:
         pass
 
 
-def body_producer(data) -> IBodyProducer:
+def body_producer(data: object) -> IBodyProducer:
     """treq's C{data_to_body_producer}: bytes become a L{BytesBody}, the rest as treq does."""
     if isinstance(data, bytes):
         return BytesBody(data)
@@ -85,16 +96,17 @@ class NoCookies(CookieJar):
     that refuses everything, inspects every request and response (about a tenth of a small
     proxied request's CPU)."""
 
-    def add_cookie_header(self, request) -> None:
+    def add_cookie_header(self, request: urllib.request.Request) -> None:
         pass
 
-    def extract_cookies(self, response, request) -> None:
+    def extract_cookies(self, response: HTTPResponse,
+                        request: urllib.request.Request) -> None:
         pass
 
-    def set_cookie(self, cookie) -> None:
+    def set_cookie(self, cookie: Cookie) -> None:
         pass
 
-    def set_cookie_if_ok(self, cookie, request) -> None:
+    def set_cookie_if_ok(self, cookie: Cookie, request: urllib.request.Request) -> None:
         pass
 
 
@@ -117,8 +129,10 @@ class BackendClient(HTTPClient):
     order they are to be sent (what a proxy has at hand; no C{Headers} object is made).
     """
 
-    def request(self, method, url, *, headers=None, data=None, cookies=None,
-                allow_redirects=True, unbuffered=False, **extras):
+    def request(self, method: str, url: Any, *,
+                headers: Any = None, data: Any = None, cookies: Any = None,
+                allow_redirects: bool = True, unbuffered: bool = False,
+                **extras: Any) -> Deferred[Any]:
         if (type(url) is not BackendURL or allow_redirects or not unbuffered or extras
                 or not (data is None or type(data) is bytes or IBodyProducer.providedBy(data))
                 or not (headers is None or type(headers) is list or type(headers) is Headers)
@@ -134,7 +148,9 @@ class BackendClient(HTTPClient):
             verb = method.encode("ascii").upper()
         if type(data) is bytes:
             data = BytesBody(data) if data else None
-        return self._agent.request(verb, url.as_bytes(), [] if headers is None else headers,
+        # The agent is a BackendAgent here, which takes header pairs.
+        return self._agent.request(verb, url.as_bytes(),
+                                   [] if headers is None else headers,  # type: ignore[arg-type]
                                    data)
 
 
@@ -144,7 +160,8 @@ _VERBS = {name: name.upper().encode("ascii")
                        "get", "post", "put", "patch", "delete", "head", "options")}
 
 
-def make_client(reactor, *, cookiejar=None, connect_timeout: float = 10.0,
+def make_client(reactor: IReactorTCP, *, cookiejar: Optional[CookieJar] = None,
+                connect_timeout: float = 10.0,
                 connect_burst: Optional[int] = None) -> tuple[HTTPClient, "BackendAgent"]:
     """A L{BackendClient} (C{treq.HTTPClient}) over a L{BackendAgent}, and the agent (close it
     on shutdown with C{closeCachedConnections}). Without C{cookiejar}, cookies are neither kept
@@ -152,7 +169,8 @@ def make_client(reactor, *, cookiejar=None, connect_timeout: float = 10.0,
     agent = BackendAgent(reactor, connect_timeout=connect_timeout, connect_burst=connect_burst)
     if cookiejar is None:
         cookiejar = NoCookies()
-    client = BackendClient(agent, cookiejar=cookiejar, data_to_body_producer=body_producer)
+    client = BackendClient(agent, cookiejar=cookiejar,  # type: ignore[arg-type]
+                           data_to_body_producer=body_producer)
     return client, agent
 
 
@@ -183,12 +201,14 @@ class BackendURL(EncodedURL):
 def backend_url(host: str, port: int, target: bytes) -> BackendURL:
     """The URL of C{target} (an ASCII request target: path and query) on a backend."""
     host_text = f"[{host}]" if ":" in host else host
-    return BackendURL.from_text(f"http://{host_text}:{port}{target.decode('ascii')}")
+    return cast(BackendURL,
+                BackendURL.from_text(f"http://{host_text}:{port}{target.decode('ascii')}"))
 
 
 @implementer(IClientRequest)
 class _RequestInfo:
-    def __init__(self, method: bytes, uri: bytes, headers):
+    def __init__(self, method: bytes, uri: bytes,
+                 headers: Headers | list[tuple[bytes, bytes]]) -> None:
         self.method = method
         self.absoluteURI = uri
         self.headers = headers_of(headers) if type(headers) is list else headers
@@ -201,7 +221,9 @@ class _Request:
     __slots__ = ("method", "uri", "path", "key", "authority", "headers", "body", "deferred",
                  "connector", "connection", "body_pending", "backlog")
 
-    def __init__(self, method, uri, path, key, authority, headers, body):
+    def __init__(self, method: bytes, uri: bytes, path: bytes, key: Origin, authority: bytes,
+                 headers: Headers | list[tuple[bytes, bytes]],
+                 body: Optional[IBodyProducer]) -> None:
         self.method = method
         self.uri = uri
         self.path = path
@@ -209,13 +231,13 @@ class _Request:
         self.authority = authority
         self.headers = headers
         self.body = body
-        self.connector = None
+        self.connector: Optional[IConnector] = None
         self.connection: Optional[_Connection] = None
         self.body_pending = False
-        self.backlog: Optional[deque] = None
-        self.deferred: Deferred = Deferred(self._cancel)
+        self.backlog: Optional[deque[_Request]] = None
+        self.deferred: Deferred[IResponse] = Deferred(self._cancel)
 
-    def _cancel(self, deferred) -> None:
+    def _cancel(self, deferred: Deferred[IResponse]) -> None:
         if self.backlog is not None:
             self.backlog.remove(self)
             self.backlog = None
@@ -229,14 +251,15 @@ class _Request:
         """Stop a streamed body that is still being written."""
         if self.body_pending:
             self.body_pending = False
-            self.body.stopProducing()
+            cast(IBodyProducer, self.body).stopProducing()  # a pending body
 
     def head(self, framing: bytes) -> bytes:
         """The request line and headers; C{framing} is the body's length header line(s)."""
         parts = [self.method, b" ", self.path, b" HTTP/1.1\r\n"]
         has_host = False
         headers = self.headers
-        for name, value in (headers if type(headers) is list else pairs_of(headers)):
+        for name, value in (headers if type(headers) is list
+                            else pairs_of(headers)):  # type: ignore[arg-type]
             lower = name.lower()
             if lower in _FRAMING:
                 if lower != b"host":
@@ -262,20 +285,21 @@ class BackendAgent:
         is never sent more connection attempts at once than its listen backlog may hold.
     """
 
-    def __init__(self, reactor, *, connect_timeout: float = 10.0, max_idle: int = 64,
-                 connect_burst: Optional[int] = None):
+    def __init__(self, reactor: IReactorTCP, *, connect_timeout: float = 10.0, max_idle: int = 64,
+                 connect_burst: Optional[int] = None) -> None:
         self._reactor = reactor
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle
         self._burst = connect_burst
-        self._connecting: dict[tuple, int] = {}
-        self._backlog: dict[tuple, deque] = {}
-        self._idle: dict[tuple, list[_Connection]] = {}
-        self._targets: dict[bytes, tuple] = {}
+        self._connecting: dict[Origin, int] = {}
+        self._backlog: dict[Origin, deque[_Request]] = {}
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._targets: dict[bytes, tuple[Origin, bytes, bytes]] = {}
         self._closing = False
 
-    def request(self, method: bytes, uri: bytes, headers=None,
-                bodyProducer: Optional[IBodyProducer] = None) -> Deferred:
+    def request(self, method: bytes, uri: bytes,
+                headers: Headers | list[tuple[bytes, bytes]] | None = None,
+                bodyProducer: Optional[IBodyProducer] = None) -> Deferred[IResponse]:
         """C{IAgent.request}; C{headers} may also be a list of C{(name, value)} pairs."""
         target = self._targets.get(uri)
         if target is None:
@@ -303,7 +327,7 @@ class BackendAgent:
             backlog.append(request)
         return request.deferred
 
-    def _split(self, uri: bytes) -> tuple:
+    def _split(self, uri: bytes) -> tuple[Origin, bytes, bytes]:
         """(host, port), the authority and the request target of an C{http://} URL."""
         scheme, sep, rest = uri.partition(b"://")
         if not sep or scheme.lower() != b"http":
@@ -316,7 +340,7 @@ class BackendAgent:
         path = path.partition(b"#")[0]
         return _origin(authority), authority, path
 
-    def _checkout(self, key) -> Optional["_Connection"]:
+    def _checkout(self, key: Origin) -> Optional["_Connection"]:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
@@ -334,7 +358,7 @@ class BackendAgent:
         request.connector = self._reactor.connectTCP(host, port, factory,
                                                      timeout=self._connect_timeout)
 
-    def _connect_ended(self, key) -> None:
+    def _connect_ended(self, key: Origin) -> None:
         """A connection attempt succeeded or failed: start the next waiting one."""
         if self._burst is None:
             return
@@ -355,7 +379,7 @@ class BackendAgent:
         if backlog is not None and not backlog:
             self._backlog.pop(key, None)
 
-    def _waiting(self, key) -> Optional[_Request]:
+    def _waiting(self, key: Origin) -> Optional[_Request]:
         """The oldest request waiting for a connection to C{key}, taken off the backlog."""
         backlog = self._backlog.get(key)
         if not backlog:
@@ -387,7 +411,7 @@ class BackendAgent:
             if idle and connection in idle:
                 idle.remove(connection)
 
-    def closeCachedConnections(self) -> Deferred:
+    def closeCachedConnections(self) -> Deferred[None]:
         """Close the idle connections (and any that turn idle later); fires when they are
         closed."""
         self._closing = True
@@ -400,10 +424,10 @@ class BackendAgent:
                 connection.close()
         if not closing:
             return succeed(None)
-        done = Deferred()
+        done: Deferred[None] = Deferred()
         remaining = [len(closing)]
 
-        def one(_):
+        def one(_: object) -> None:
             remaining[0] -= 1
             if remaining[0] == 0:
                 done.callback(None)
@@ -413,7 +437,7 @@ class BackendAgent:
         return done
 
 
-def _origin(authority: bytes) -> tuple:
+def _origin(authority: bytes) -> Origin:
     if authority.startswith(b"["):
         host, _, rest = authority[1:].partition(b"]")
         port = rest[1:] if rest.startswith(b":") else b""
@@ -430,14 +454,14 @@ def _origin(authority: bytes) -> tuple:
 class _ConnectionFactory(ClientFactory):
     noisy = False
 
-    def __init__(self, agent: BackendAgent, request: _Request):
+    def __init__(self, agent: BackendAgent, request: _Request) -> None:
         self._agent = agent
         self._request = request
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: Optional[IAddress]) -> _Connection:
         return _Connection(self._agent, self._request)
 
-    def clientConnectionFailed(self, connector, reason):
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         request = self._request
         request.connector = None
         self._agent._connect_ended(request.key)
@@ -459,8 +483,10 @@ class BackendResponse:
     version = (b"HTTP", 1, 1)
     previousResponse = None
 
-    def __init__(self, info: tuple, code: int, phrase: bytes, raw_headers: list, length,
-                 connection: "_Connection"):
+    def __init__(self, info: tuple[bytes, bytes, Headers | list[tuple[bytes, bytes]]],
+                 code: int, phrase: bytes, raw_headers: list[tuple[bytes, bytes]],
+                 length: int | str,
+                 connection: "_Connection") -> None:
         self._info = info
         self.code = code
         self.phrase = phrase
@@ -468,7 +494,7 @@ class BackendResponse:
         self._headers: Optional[Headers] = None
         self.length = length
         self._connection: Optional[_Connection] = connection
-        self._protocol = None
+        self._protocol: Any = None  # the body's protocol, then _DELIVERED
         self._buffer: list[bytes] = []
         self._end: Optional[Failure] = None
         self._complete = False
@@ -490,14 +516,14 @@ class BackendResponse:
     def request(self) -> IClientRequest:
         return _RequestInfo(*self._info)
 
-    def setPreviousResponse(self, response) -> None:
+    def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
 
-    def deliverBody(self, protocol) -> None:
+    def deliverBody(self, protocol: IProtocol) -> None:
         if self._protocol is not None:
             raise RuntimeError("the body of a response can be delivered only once")
         self._protocol = protocol
-        protocol.makeConnection(_BodyTransport(self))
+        protocol.makeConnection(_BodyTransport(self))  # type: ignore[arg-type]  # a producer
         buffered, self._buffer = self._buffer, []
         for data in buffered:
             protocol.dataReceived(data)
@@ -541,7 +567,7 @@ class _BodyTransport:
     """The transport a response's body protocol sees: the backend connection, while the body
     is still arriving on it."""
 
-    def __init__(self, response: BackendResponse):
+    def __init__(self, response: BackendResponse) -> None:
         self._response = response
 
     def pauseProducing(self) -> None:
@@ -570,7 +596,9 @@ class _Unexpected(Exception):
 class _Connection(Protocol):
     """One keep-alive connection to a backend; carries one request at a time."""
 
-    def __init__(self, agent: BackendAgent, first: _Request):
+    transport: ITCPConnection
+
+    def __init__(self, agent: BackendAgent, first: _Request) -> None:
         self._agent = agent
         self.key = first.key
         self._first: Optional[_Request] = first
@@ -578,10 +606,10 @@ class _Connection(Protocol):
         self._parser = HttpResponseParser(self)
         self._request: Optional[_Request] = None
         self._response: Optional[BackendResponse] = None
-        self._lost: list[Deferred] = []
+        self._lost: list[Deferred[None]] = []
         self._paused = False
         self._socket: Optional[socket.socket] = None
-        self._writer: Optional[SocketWriter] = None
+        self._writer: SocketWriter = None  # type: ignore[assignment]  # connectionMade sets it
         self._closing = False
         self._gone = False
 
@@ -592,7 +620,7 @@ class _Connection(Protocol):
         if handle is not None and isinstance(handle(), socket.socket):
             self._socket = handle()
         self._writer = SocketWriter(self.transport)
-        first, self._first = self._first, None
+        first, self._first = cast(_Request, self._first), None
         first.connector = None
         self._agent._connect_ended(self.key)
         if first.deferred.called:
@@ -618,8 +646,8 @@ class _Connection(Protocol):
     def closing(self) -> bool:
         return self._closing
 
-    def when_lost(self) -> Deferred:
-        d = Deferred()
+    def when_lost(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
         if self._gone:
             d.callback(None)
         else:
@@ -675,7 +703,7 @@ class _Connection(Protocol):
         else:
             self._send_producer(request, body)
 
-    def _send_producer(self, request: _Request, body) -> None:
+    def _send_producer(self, request: _Request, body: IBodyProducer) -> None:
         self._writer.buffered()
         chunked = body.length is UNKNOWN_LENGTH
         self.transport.write(request.head(
@@ -688,13 +716,13 @@ class _Connection(Protocol):
         self.transport.registerProducer(body, True)
         done = maybeDeferred(body.startProducing, consumer)
 
-        def sent(_):
+        def sent(_: object) -> None:
             if request.body_pending:
                 request.body_pending = False
                 self.transport.unregisterProducer()
                 consumer.finish()
 
-        def failed(reason):
+        def failed(reason: Failure) -> None:
             if not request.body_pending:
                 return
             request.body_pending = False
@@ -763,7 +791,7 @@ class _Connection(Protocol):
         self._status = status
         self._headers_done = True
         self._keep_alive = self._parser.should_keep_alive()
-        if self._request.method == b"HEAD":
+        if cast(_Request, self._request).method == b"HEAD":
             self._complete = True
 
     def on_body(self, data: bytes) -> None:
@@ -777,8 +805,9 @@ class _Connection(Protocol):
             self._complete = True
 
     def _make_response(self) -> BackendResponse:
-        request = self._request
+        request = cast(_Request, self._request)
         status = self._status
+        length: int | str  # or UNKNOWN_LENGTH
         if request.method == b"HEAD" or status in (204, 304):
             length = 0
         elif self._chunked or self._length is None:
@@ -794,7 +823,7 @@ class _Connection(Protocol):
         return response
 
     def _finish_message(self) -> None:
-        response, request = self._response, self._request
+        response, request = cast(BackendResponse, self._response), cast(_Request, self._request)
         self._request = None
         self._response = None
         request.connection = None
@@ -822,7 +851,7 @@ class _Connection(Protocol):
         elif request is not None and not request.deferred.called:
             request.deferred.errback(ResponseFailed([reason]))
 
-    def connectionLost(self, reason=None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._agent._forget(self)
         request, response = self._request, self._response
@@ -850,11 +879,11 @@ class _BodyConsumer:
     """Writes a streamed request body to the connection, chunk-encoded when its length is
     unknown."""
 
-    def __init__(self, transport, chunked: bool):
+    def __init__(self, transport: ITCPConnection, chunked: bool) -> None:
         self._transport = transport
         self._chunked = chunked
 
-    def registerProducer(self, producer, streaming) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         self._transport.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:

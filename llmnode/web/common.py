@@ -11,7 +11,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, cast
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,12 +20,20 @@ from twisted.web.resource import Resource
 
 from llmnode.errors import BadRequest, BodyTooLarge, MethodNotAllowed, NodeError, NotFound
 
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport, ITransport
+    from llmnode.web.server import WebRequest
+
+    class ITCPConnection(ITCPTransport, IPushProducer, IConsumer):
+        """A TCP connection's transport as the fast server and client use it: written to,
+        throttled (a push producer) and given producers (a consumer)."""
+
 log = Logger()
 
 JSON_TYPE = b"application/json"
 
 
-def render_json(request, status: int, body: Any) -> bytes:
+def render_json(request: WebRequest, status: int, body: Any) -> bytes:
     """Set C{status} and a JSON content type on C{request}; return C{body} encoded.
 
     C{body} may be bytes already encoded, or anything C{json.dumps} takes.
@@ -37,14 +45,14 @@ def render_json(request, status: int, body: Any) -> bytes:
     return json.dumps(body).encode("utf-8")
 
 
-def render_error(request, error: NodeError) -> bytes:
+def render_error(request: WebRequest, error: NodeError) -> bytes:
     """Set the status (and C{Retry-After}) of C{error} on C{request}; return its JSON body."""
     if error.retry_after is not None:
         request.setHeader(b"Retry-After", b"%d" % max(0, math.ceil(error.retry_after)))
     return render_json(request, error.status, error.body())
 
 
-def method_not_allowed(request, allowed: tuple[str, ...]) -> bytes:
+def method_not_allowed(request: WebRequest, allowed: tuple[str, ...]) -> bytes:
     """A 405 with an C{Allow} header listing C{allowed} methods."""
     request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
     method = request.method.decode("ascii", "replace")
@@ -52,11 +60,12 @@ def method_not_allowed(request, allowed: tuple[str, ...]) -> bytes:
         f"{method} is not allowed on {_path(request)}; use {' or '.join(allowed)}"))
 
 
-def _path(request) -> str:
-    return request.path.decode("utf-8", "replace")[:200]
+def _path(request: WebRequest) -> str:
+    path: bytes = request.path
+    return path.decode("utf-8", "replace")[:200]
 
 
-def headers_of(pairs) -> Headers:
+def headers_of(pairs: Iterable[tuple[bytes, bytes]]) -> Headers:
     """A C{Headers} object holding the C{(name, value)} C{pairs}."""
     headers = Headers()
     for name, value in pairs:
@@ -64,7 +73,7 @@ def headers_of(pairs) -> Headers:
     return headers
 
 
-def pairs_of(headers: Headers) -> list:
+def pairs_of(headers: Headers) -> list[tuple[bytes, bytes]]:
     """The C{(name, value)} pairs of a C{Headers} object."""
     return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
 
@@ -85,7 +94,7 @@ class SocketWriter:
     #: copied, on the reactor, for a saving that no longer counts.
     direct_up_to = 256 * 1024
 
-    def __init__(self, transport):
+    def __init__(self, transport: ITCPConnection) -> None:
         self.transport = transport
         handle = getattr(transport, "getHandle", None)
         sock = handle() if handle is not None else None
@@ -121,8 +130,8 @@ class PendingResponse:
     @ivar ended: this object finished the response (or cut the connection).
     """
 
-    def __init__(self, request, on_gone: Optional[Callable[[], Any]] = None,
-                 on_end: Optional[Callable[[Optional[Failure]], Any]] = None):
+    def __init__(self, request: WebRequest, on_gone: Optional[Callable[[], Any]] = None,
+                 on_end: Optional[Callable[[Optional[Failure]], Any]] = None) -> None:
         self.request = request
         self.gone = False
         self.ended = False
@@ -149,7 +158,7 @@ class PendingResponse:
         connection was lost first (one C{notifyFinish} for all such listeners)."""
         self._on_end.append(callback)
 
-    def _finished(self, result) -> None:
+    def _finished(self, result: Optional[Failure]) -> None:
         if isinstance(result, Failure):
             self._lost(result)
         # The client can no longer leave early: its listeners (which refer back to their
@@ -163,7 +172,7 @@ class PendingResponse:
             except Exception:
                 log.failure("end-of-response callback failed")
 
-    def _lost(self, failure) -> None:
+    def _lost(self, failure: Failure) -> None:
         if self.ended:
             return
         self.gone = True
@@ -209,7 +218,8 @@ class PendingResponse:
         if not self.open:
             return False
         self.ended = True
-        transport = getattr(self.request, "transport", None) or self.request.channel
+        transport = cast("ITransport", getattr(self.request, "transport", None)
+                         or self.request.channel)
         transport.loseConnection()
         return True
 
@@ -219,7 +229,7 @@ def max_body_bytes(max_body_mb: float) -> int:
     return int(max_body_mb * 1024 * 1024)
 
 
-def read_body(request, limit: int) -> bytes:
+def read_body(request: WebRequest, limit: int) -> bytes:
     """The request body, or L{BodyTooLarge} when it (or its C{Content-Length}) exceeds C{limit}.
 
     Works with any Request; the node's own (L{llmnode.web.server.NodeRequest}) never stored
@@ -227,7 +237,7 @@ def read_body(request, limit: int) -> bytes:
     """
     if getattr(request, "body_too_large", False):
         raise body_too_large(limit)
-    raw = getattr(request, "raw_body", None)
+    raw: Optional[bytes] = getattr(request, "raw_body", None)
     if raw is not None:
         if len(raw) > limit:
             raise body_too_large(limit)
@@ -242,7 +252,8 @@ def read_body(request, limit: int) -> bytes:
     if content.tell() > limit:
         raise body_too_large(limit)
     content.seek(0)
-    return content.read()
+    body: bytes = content.read()
+    return body
 
 
 def body_too_large(limit: int) -> BodyTooLarge:
@@ -253,24 +264,24 @@ def body_too_large(limit: int) -> BodyTooLarge:
 
 #: The C scanner under C{json.loads}, called directly for the usual body (an object, no
 #: surrounding whitespace): C{json.loads} adds a few Python calls around it.
-_scan_value = json.scanner.make_scanner(json.JSONDecoder())
+_scan_value = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 
 
-def parse_json_object(body: bytes) -> dict:
+def parse_json_object(body: bytes) -> dict[str, Any]:
     """Decode a JSON object, or raise L{BadRequest} saying what is wrong."""
     try:
         try:
-            text = body.decode("utf-8")
+            text: str | bytes = body.decode("utf-8")
         except UnicodeDecodeError:
             text = body  # json detects UTF-16 and UTF-32 itself
         if text[:1] == "{" and text[-1:] == "}":
             try:
-                value, end = _scan_value(text, 0)
+                value, end = _scan_value(text, 0)  # type: ignore[arg-type]
             except (StopIteration, ValueError):
                 pass  # json.loads below says what is wrong
             else:
                 if end == len(text):
-                    return value
+                    return cast("dict[str, Any]", value)  # an object: it began with {
         value = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"request body is not valid JSON: {str(e)[:200]}") from None
@@ -289,7 +300,7 @@ SCAN_ABOVE = 64 * 1024
 ROUTING_NAMES = frozenset({"model", "stream"})
 
 _STRUCTURE = re.compile(rb'["\[\]{}]')
-_SPACE = re.compile(rb"[ \t\n\r]*")
+_SPACE = re.compile(rb"[ \t\n\r]*")  # matches anywhere: its match is never None
 _SCALAR = re.compile(rb"true|false|null|-?[0-9][0-9.eE+-]*")
 _SCALAR_END = re.compile(rb"[0-9a-zA-Z.+-]+\Z")
 _SPACE_BYTES = b" \t\n\r"
@@ -318,11 +329,11 @@ class Routing:
     @ivar model_span: C{(start, end)} of the C{model} value's bytes, or None when unknown.
     """
 
-    members: dict
+    members: dict[str, Any]
     model_span: Optional[tuple[int, int]] = None
 
 
-def routing_fields(body: bytes, names: frozenset = ROUTING_NAMES) -> dict:
+def routing_fields(body: bytes, names: frozenset[str] = ROUTING_NAMES) -> dict[str, Any]:
     """The top-level members C{names} of a JSON object body, or L{BadRequest}.
 
     Exact, however long it takes: the proxy calls L{quick_routing} on the reactor and this
@@ -331,7 +342,7 @@ def routing_fields(body: bytes, names: frozenset = ROUTING_NAMES) -> dict:
     return full_routing(body, names).members
 
 
-def quick_routing(body: bytes, names: frozenset = ROUTING_NAMES) -> Optional[Routing]:
+def quick_routing(body: bytes, names: frozenset[str] = ROUTING_NAMES) -> Optional[Routing]:
     """The routing members of C{body} at a cost that does not grow with its nesting, or None
     when only a full scan can tell (L{full_routing}, for a worker thread).
 
@@ -364,7 +375,8 @@ def quick_routing(body: bytes, names: frozenset = ROUTING_NAMES) -> Optional[Rou
     return _routing(found)
 
 
-def read_large_body(parts: list, names: frozenset = ROUTING_NAMES) -> tuple[bytes, Routing]:
+def read_large_body(parts: list[bytes],
+                    names: frozenset[str] = ROUTING_NAMES) -> tuple[bytes, Routing]:
     """Join a large body from the pieces it arrived in and find its routing members; for a
     worker thread (joining many pieces releases the GIL, and so do the scans between the
     steps they take), so that the reactor goes on answering meanwhile.
@@ -405,7 +417,7 @@ def _occurs(body: bytes, name: bytes, start: int, end: int) -> bool:
     return False
 
 
-def full_routing(body: bytes, names: frozenset = ROUTING_NAMES) -> Routing:
+def full_routing(body: bytes, names: frozenset[str] = ROUTING_NAMES) -> Routing:
     """The routing members of C{body}, exactly: a large body is scanned through (a Python
     loop turn per string and bracket: seconds for 50 MB of small objects), then parsed if
     the scan gives up.
@@ -433,18 +445,18 @@ def with_model(body: bytes, routing: Routing, model: str) -> bytes:
     return json.dumps(value).encode("utf-8")
 
 
-def _slices(body: bytes, start: int, end: int) -> list:
+def _slices(body: bytes, start: int, end: int) -> list[bytes]:
     """C{body[start:end]} as slices of at most L{_WINDOW} bytes: each copy is short, and
     joining them releases the GIL."""
     return [body[i:min(end, i + _WINDOW)] for i in range(start, end, _WINDOW)]
 
 
-def _parsed(body: bytes, names: frozenset) -> Routing:
+def _parsed(body: bytes, names: frozenset[str]) -> Routing:
     value = parse_json_object(body)
     return Routing({name: value[name] for name in names if name in value})
 
 
-def _routing(found: dict) -> Routing:
+def _routing(found: dict[str, tuple[Any, int, int]]) -> Routing:
     """A L{Routing} of C{name -> (value, start, end)}."""
     model = found.get("model")
     return Routing({name: member[0] for name, member in found.items()},
@@ -455,7 +467,7 @@ class _Scan:
     """Scans of one body for the routing members; a method raises ValueError (or IndexError)
     where it gives up. Members are found as C{name -> (value, start, end)}."""
 
-    def __init__(self, text: bytes):
+    def __init__(self, text: bytes) -> None:
         self.text = text
         self.escaped = 0
 
@@ -492,7 +504,8 @@ class _Scan:
             self._escaped_quote()
             start = text.rindex(b'"', 0, start)
 
-    def forward(self, names: frozenset, nested: bool) -> tuple[dict, Optional[int]]:
+    def forward(self, names: frozenset[str],
+                nested: bool) -> tuple[dict[str, tuple[Any, int, int]], Optional[int]]:
         """The wanted top-level members from the start: through the whole object when
         C{nested}, else up to the first member value that is an object or array.
 
@@ -501,7 +514,7 @@ class _Scan:
         """
         text = self.text
         string_end = self.string_end
-        position = _SPACE.match(text, 0).end()
+        position = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
         if text[position:position + 1] != b"{":
             raise ValueError("not an object")
         found = {}
@@ -521,12 +534,12 @@ class _Scan:
                 position = string_end(position)
                 if depth != 1:
                     continue
-                after = _SPACE.match(text, position).end()
+                after = _SPACE.match(text, position).end()  # type: ignore[union-attr]
                 if text[after:after + 1] != b":":
                     continue
                 key = json.loads(text[start:position])
                 if key in names:
-                    value_at = _SPACE.match(text, after + 1).end()
+                    value_at = _SPACE.match(text, after + 1).end()  # type: ignore[union-attr]
                     if text[value_at:value_at + 1] == b'"':
                         position = string_end(value_at + 1)
                     else:
@@ -541,18 +554,18 @@ class _Scan:
                 depth += 1
             else:
                 depth -= 1
-        if _SPACE.match(text, position).end() != len(text):
+        if _SPACE.match(text, position).end() != len(text):  # type: ignore[union-attr]
             raise ValueError("extra data")
         return found, None
 
-    def backward(self, names: frozenset) -> tuple[dict, int]:
+    def backward(self, names: frozenset[str]) -> tuple[dict[str, tuple[Any, int, int]], int]:
         """The wanted top-level members after the last member value that is an object or
         array, read backward from the end (the last of a name written twice is found).
 
         @return: the members found, and the index just past that nested value.
         """
         text = self.text
-        found: dict = {}
+        found: dict[str, tuple[Any, int, int]] = {}
         end = len(text.rstrip(_SPACE_BYTES))
         if text[end - 1:end] != b"}":
             raise ValueError("not an object")
@@ -601,11 +614,11 @@ class ErrorResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, error: Optional[NodeError] = None):
+    def __init__(self, error: Optional[NodeError] = None) -> None:
         super().__init__()
         self._error = error
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes:
         error = self._error or NotFound(f"no such endpoint: {_path(request)}")
         return render_error(request, error)
 

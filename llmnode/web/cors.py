@@ -9,13 +9,16 @@ browsers send preflights without credentials. Without C{cors_origins} nothing he
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 from twisted.web.resource import Resource
 
 from llmnode.errors import NodeError
 from llmnode.web.common import render_error
 from llmnode.web.server import NodeRequest, ResponseHeaders
+
+if TYPE_CHECKING:
+    from llmnode.web.server import WebRequest
 
 #: Methods a preflight may ask for.
 ALLOWED_METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -38,17 +41,17 @@ class Cors:
     @param origins: allowed origins, lower case (C{http://host:port}), or C{"*"} for any.
     """
 
-    def __init__(self, origins):
+    def __init__(self, origins: Iterable[str]) -> None:
         self._any = "*" in origins
         self._origins = frozenset(origin.encode("ascii") for origin in origins if origin != "*")
 
     def allows(self, origin: bytes) -> bool:
         return self._any or origin.lower() in self._origins
 
-    def check(self, request) -> Optional[Resource]:
+    def check(self, request: WebRequest) -> Optional[Resource]:
         """Mark C{request}'s answer for its origin; return the resource that answers it when
         it is a preflight (else None: it goes on down the tree)."""
-        origin = request.getHeader(b"Origin")
+        origin: Optional[bytes] = request.getHeader(b"Origin")
         if origin is None:
             return None
         preflight = (request.method == b"OPTIONS"
@@ -75,16 +78,16 @@ class _CorsHeaders(ResponseHeaders):
 
     __slots__ = ()
 
-    def setRawHeaders(self, name, values) -> None:
+    def setRawHeaders(self, name: bytes | str, values: Sequence[bytes | str]) -> None:
         if not _is_cors(name):
             super().setRawHeaders(name, values)
 
-    def addRawHeader(self, name, value) -> None:
+    def addRawHeader(self, name: bytes | str, value: bytes | str) -> None:
         if not _is_cors(name):
             super().addRawHeader(name, value)
 
 
-def _is_cors(name) -> bool:
+def _is_cors(name: bytes | str) -> bool:
     if isinstance(name, str):
         name = name.encode("latin-1")
     return name[:15].lower() == _PREFIX
@@ -93,7 +96,7 @@ def _is_cors(name) -> bool:
 class _Preflight(Resource):
     isLeaf = True
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes:
         request.setResponseCode(204)
         return b""
 
@@ -101,10 +104,10 @@ class _Preflight(Resource):
 class _Refused(Resource):
     isLeaf = True
 
-    def __init__(self, origin: bytes):
+    def __init__(self, origin: bytes) -> None:
         super().__init__()
         self._origin = origin
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes:
         return render_error(request, OriginNotAllowed(
             f"origin {self._origin.decode('latin-1')[:200]!r} is not in program.cors_origins"))

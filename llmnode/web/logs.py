@@ -9,7 +9,7 @@ follower never makes the node grow.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.web.resource import Resource
@@ -18,6 +18,9 @@ from zope.interface import implementer
 
 from llmnode.errors import BadRequest
 from llmnode.web.common import ErrorResource, PendingResponse, method_not_allowed, render_error
+
+if TYPE_CHECKING:
+    from llmnode.web.server import WebRequest
 
 #: Lines answered when C{?lines} is not given, and the most C{?lines} may ask for.
 DEFAULT_LINES = 100
@@ -42,11 +45,11 @@ class LogResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, source: LogSource):
+    def __init__(self, source: LogSource) -> None:
         super().__init__()
         self._source = source
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes | int:
         if request.postpath not in ([], [b""]):
             return ErrorResource().render(request)
         if request.method != b"GET":
@@ -63,7 +66,7 @@ class LogResource(Resource):
         return "".join(line + "\n" for line in self._source.lines(count)).encode("utf-8")
 
 
-def _lines_wanted(args: dict) -> int:
+def _lines_wanted(args: dict[bytes, list[bytes]]) -> int:
     given = args.get(b"lines", [b"%d" % DEFAULT_LINES])[-1]
     if not given.isdigit() or int(given) > MAX_LINES:
         raise BadRequest(f"lines must be a whole number from 0 to {MAX_LINES}",
@@ -87,7 +90,7 @@ class LogStream:
 
     max_held = 1000
 
-    def __init__(self, request, source: LogSource):
+    def __init__(self, request: WebRequest, source: LogSource) -> None:
         self._source = source
         self._pending = PendingResponse(request, on_gone=self.stopProducing)
         self._held: deque[str] = deque(maxlen=self.max_held)

@@ -7,7 +7,7 @@ one process never mix their numbers.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -18,6 +18,12 @@ from twisted.web.resource import Resource
 from llmnode.lifecycle import STATES
 from llmnode.scheduler import STOP_REASONS
 from llmnode.web.common import method_not_allowed
+
+if TYPE_CHECKING:
+    from prometheus_client import Metric
+    from llmnode.web.server import WebRequest
+
+    from llmnode.node import Node
 
 #: Upper bounds (seconds) of the start-duration histogram's buckets.
 START_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -43,11 +49,11 @@ _PER_MODEL = (
 class NodeCollector:
     """Collects per-model and per-device figures from a node at scrape time."""
 
-    def __init__(self, node, devices: Callable[[], list]):
+    def __init__(self, node: Node, devices: Callable[[], list[dict[str, Any]]]) -> None:
         self._node = node
         self._devices = devices
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         runtimes = self._node.runtimes()
         state = GaugeMetricFamily("llmnode_model_state",
                                   "1 for the state the model is in, 0 for the others",
@@ -133,16 +139,17 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, node, devices: Callable[[], list]):
+    def __init__(self, node: Node, devices: Callable[[], list[dict[str, Any]]]) -> None:
         super().__init__()
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(NodeCollector(node, devices))
 
-    def render_GET(self, request):
+    def render_GET(self, request: WebRequest) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self._registry)
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes:
         if request.method not in (b"GET", b"HEAD"):
             return method_not_allowed(request, ("GET",))
-        return super().render(request)
+        answer: bytes = super().render(request)
+        return answer

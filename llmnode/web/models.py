@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 from twisted.web.resource import Resource
 
 from llmnode.errors import ModelNotFound
 from llmnode.web.common import method_not_allowed, render_error, render_json
 
+if TYPE_CHECKING:
+    from llmnode.web.server import WebRequest
+
+    from llmnode.node import ModelRuntime, Node
+
 _ALLOWED = ("GET", "HEAD")
 
 
-def model_entries(node, created: int) -> list[dict]:
+def model_entries(node: Node, created: int) -> list[dict[str, Any]]:
     """Every model id (config order), then every alias, flagged with C{llmnode.alias_of}."""
     runtimes = node.runtimes()
     entries = [_entry(runtime, runtime.model.id, created) for runtime in runtimes]
@@ -21,7 +26,7 @@ def model_entries(node, created: int) -> list[dict]:
     return entries
 
 
-def _entry(runtime, name: str, created: int) -> dict:
+def _entry(runtime: ModelRuntime, name: str, created: int) -> dict[str, Any]:
     model = runtime.model
     extra = {"mode": model.mode, "endpoints": sorted(model.served), "state": runtime.state}
     if name != model.id:
@@ -38,15 +43,15 @@ class ModelsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, node, created: int):
+    def __init__(self, node: Node, created: int) -> None:
         super().__init__()
         self._node = node
         self._created = created
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes:
         if request.method not in (b"GET", b"HEAD"):
             return method_not_allowed(request, _ALLOWED)
-        name = _name(request.postpath)
+        name = _name(cast("list[bytes]", request.postpath))
         if name is None:
             return render_json(request, 200, {
                 "object": "list", "data": model_entries(self._node, self._created)})

@@ -9,7 +9,7 @@ copied or decoded.
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Optional, cast
 
 from llmnode.errors import BadRequest
 
@@ -26,32 +26,36 @@ def is_form(content_type: Optional[bytes]) -> bool:
             and content_type.split(b";", 1)[0].strip().lower() == b"multipart/form-data")
 
 
+#: Where each field's content lies in the body: C{{name: (start, end)}}.
+Fields = dict[bytes, tuple[int, int]]
+
+
 def boundary_of(content_type: Optional[bytes]) -> bytes:
     """The boundary of a C{multipart/form-data} content type, or L{BadRequest}."""
     if not is_form(content_type):
         raise BadRequest("this endpoint takes a multipart/form-data body (a file upload); "
                          f"got Content-Type {(content_type or b'(none)')[:100]!r}")
-    match = _BOUNDARY.search(content_type)
+    match = _BOUNDARY.search(cast(bytes, content_type))  # a form has one
     if match is None:
         raise BadRequest("the multipart/form-data Content-Type has no boundary parameter")
     return match.group(1) or match.group(2)
 
 
-def form_fields(body: bytes, boundary: bytes, names: frozenset) -> dict:
+def form_fields(body: bytes, boundary: bytes, names: frozenset[bytes]) -> Fields:
     """Where the values of the form fields C{names} (bytes) lie in C{body}: name -> (start,
     end). A field given twice counts once (the first). Raises L{BadRequest} for a body that
     is not a complete multipart body with this boundary."""
     return _scan(body, boundary, names, whole=True)
 
 
-def leading_fields(prefix: bytes, boundary: bytes, names: frozenset) -> dict:
+def leading_fields(prefix: bytes, boundary: bytes, names: frozenset[bytes]) -> Fields:
     """L{form_fields} for the beginning of a body still arriving: the fields among C{names}
     whose parts are complete in C{prefix}. Raises L{BadRequest} where the prefix already
     shows the body is broken."""
     return _scan(prefix, boundary, names, whole=False)
 
 
-def _scan(body: bytes, boundary: bytes, names: frozenset, whole: bool) -> dict:
+def _scan(body: bytes, boundary: bytes, names: frozenset[bytes], whole: bool) -> Fields:
     delimiter = b"\r\n--" + boundary
     if body.startswith(delimiter[2:]):
         position = len(delimiter) - 2
@@ -62,7 +66,7 @@ def _scan(body: bytes, boundary: bytes, names: frozenset, whole: bool) -> dict:
                 raise BadRequest("broken multipart body: the boundary never appears")
             return {}
         position = found + len(delimiter)
-    fields: dict = {}
+    fields: Fields = {}
     while True:
         if body.startswith(b"--", position):
             return fields
@@ -98,7 +102,7 @@ def _field_name(head: bytes) -> Optional[bytes]:
     return None
 
 
-def form_text(body: bytes, span) -> str:
+def form_text(body: bytes, span: tuple[int, int]) -> str:
     """The text of a field found by L{form_fields}, or L{BadRequest} if it is not UTF-8."""
     try:
         return body[span[0]:span[1]].decode("utf-8")

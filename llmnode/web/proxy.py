@@ -20,21 +20,23 @@ have buffered the whole oversized body before the proxy sees it.
 from __future__ import annotations
 
 import json
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, cast
 
 from treq import content as treq_content
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
 from twisted.internet.error import ConnectionRefusedError as BackendRefused
 from twisted.internet.threads import deferToThreadPool
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import (IDelayedCall, IPushProducer, IReactorFromThreads,
+                                         IReactorTime)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from twisted.web.http_headers import Headers
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmnode.config import ENDPOINTS
 from llmnode.lifecycle import RUNNING
-from llmnode.node import Ticket
+from llmnode.node import ModelRuntime, Ticket
 from llmnode.errors import BadGateway, BadRequest, GatewayTimeout, ModelNotFound, NodeError
 from llmnode.web.client import BackendClient, NoCookies, backend_url
 from llmnode.web.common import (
@@ -58,11 +60,25 @@ from llmnode.web.relay import StreamRelay, forwarded_headers
 from llmnode.web.upload import HOLD_LIMIT, BodyStream
 from llmnode.web.server import JOIN_ABOVE, NodeRequest
 
+if TYPE_CHECKING:
+    from treq.client import HTTPClient
+    from twisted.web.iweb import IResponse
+
+    from llmnode.config import Model, Program
+    from llmnode.node import Node
+    from llmnode.web.multipart import Fields
+    from llmnode.web.server import WebRequest
+
+T = TypeVar("T")
+
 log = Logger()
 
 #: Request headers never forwarded: the agent sets its own Host and Content-Length, and the
 #: node already answered any C{Expect: 100-continue}.
 _REQUEST_DROP = frozenset({b"host", b"content-length", b"expect"})
+
+#: What routing a request gives: its runtime, the body to send and whether it streams.
+Routed = tuple[ModelRuntime, Any, bool]
 
 #: treq's per-request cookies, always none: treq would otherwise build an empty jar per
 #: request. treq only reads it.
@@ -73,10 +89,10 @@ _NO_COOKIES = NoCookies()
 class _Branch(Resource):
     """A path prefix: itself and any unknown child answer a JSON 404."""
 
-    def getChild(self, path, request):
+    def getChild(self, path: bytes, request: WebRequest) -> Resource:
         return ErrorResource()
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes:
         return ErrorResource().render(request)
 
 
@@ -89,7 +105,8 @@ class V1Resource(_Branch):
     @param program: the L{llmnode.config.Program} settings (body limit, timeouts).
     """
 
-    def __init__(self, node, http, clock, program):
+    def __init__(self, node: Node, http: HTTPClient, clock: IReactorTime,
+                 program: Program) -> None:
         super().__init__()
         forwarder = Forwarder(node, http, clock, program)
         self.chat = ProxyEndpoint(forwarder, "chat")
@@ -130,14 +147,15 @@ class V1Resource(_Branch):
         self._forwarder.close()
 
 
-def _branch(children: dict) -> _Branch:
+def _branch(children: dict[bytes, Resource]) -> _Branch:
     branch = _Branch()
     for name, child in children.items():
         branch.putChild(name, child)
     return branch
 
 
-def mount(root: Resource, node, http, clock, program) -> V1Resource:
+def mount(root: Resource, node: Node, http: HTTPClient, clock: IReactorTime,
+          program: Program) -> V1Resource:
     """Put the proxy at C{/v1}, its rerank endpoint at C{/rerank} and llama.cpp's native
     routes (C{/completion}, C{/infill}, C{/tokenize}, C{/detokenize}) under C{root}."""
     v1 = V1Resource(node, http, clock, program)
@@ -158,7 +176,7 @@ class ProxyEndpoint(Resource):
 
     isLeaf = True
 
-    def __init__(self, forwarder: "Forwarder", endpoint: str, form: bool = False):
+    def __init__(self, forwarder: "Forwarder", endpoint: str, form: bool = False) -> None:
         super().__init__()
         self._forwarder = forwarder
         self._endpoint = endpoint
@@ -166,16 +184,16 @@ class ProxyEndpoint(Resource):
         #: A large upload reaches it as it arrives (L{Forwarder.route_form}).
         self.streams_uploads = form
 
-    def putChild(self, path, child):
+    def putChild(self, path: bytes, child: IResource) -> None:
         self.isLeaf = False
         super().putChild(path, child)
 
-    def getChild(self, path, request):
+    def getChild(self, path: bytes, request: WebRequest) -> Resource:
         if path == b"":
             return self
         return ErrorResource()
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes | int:
         if request.postpath not in ([], [b""]):
             return ErrorResource().render(request)
         if request.method != b"POST":
@@ -193,21 +211,21 @@ class ProxyEndpoint(Resource):
             self._forwarder.forward(request, *routed, self._endpoint)
         return NOT_DONE_YET
 
-    def _forward_when_routed(self, request, routed: Deferred) -> None:
+    def _forward_when_routed(self, request: WebRequest, routed: Deferred[Routed]) -> None:
         """Forward once a worker thread has read the body's routing members (unless the
         client left meanwhile); answer the error if they are wrong."""
         pending = PendingResponse(request)
 
-        def forward(result) -> None:
+        def forward(result: Routed) -> None:
             if pending.open:
                 self._forwarder.forward(request, *result, self._endpoint)
 
-        def failed(failure) -> None:
+        def failed(failure: Failure) -> None:
             if not failure.check(NodeError):
                 log.failure("routing a {endpoint} request failed", failure,
                             endpoint=self._endpoint)
                 failure = Failure(NodeError("internal error in the proxy"))
-            pending.send_error(failure.value)
+            pending.send_error(cast(NodeError, failure.value))
 
         routed.addCallbacks(forward, failed)
 
@@ -215,7 +233,8 @@ class ProxyEndpoint(Resource):
 class Forwarder:
     """Resolves and forwards proxied requests; shared by the endpoints."""
 
-    def __init__(self, node, http, clock, program):
+    def __init__(self, node: Node, http: HTTPClient, clock: IReactorTime,
+                 program: Program) -> None:
         self._node = node
         self._http = http
         self._clock = clock
@@ -231,7 +250,7 @@ class Forwarder:
     def close(self) -> None:
         self._watch.stop()
 
-    def route(self, request, endpoint: str):
+    def route(self, request: WebRequest, endpoint: str) -> Routed | Deferred[Routed]:
         """The runtime, the body to send and whether the client asked for a stream, or a
         L{NodeError}; a Deferred of them when the body is read in a worker thread: a large
         body (the server's L{NodeRequest.body_parts}), or one whose routing members
@@ -243,8 +262,7 @@ class Forwarder:
             parts = request.body_parts
             if parts is not None:
                 reading = self._in_thread(read_large_body, parts)
-                reading.addCallback(self._joined, request, endpoint)
-                return reading
+                return reading.addCallback(self._joined, request, endpoint)
             raw = request.raw_body  # read_body's answer, without its questions
             if len(raw) > self._limit:
                 raw = read_body(request, self._limit)
@@ -252,25 +270,26 @@ class Forwarder:
             raw = read_body(request, self._limit)
         routing = quick_routing(raw)
         if routing is None:
-            reading = self._in_thread(full_routing, raw)
-            reading.addCallback(lambda routing: self._routed(raw, routing, endpoint))
-            return reading
+            scanning = self._in_thread(full_routing, raw)
+            return scanning.addCallback(lambda routing: self._routed(raw, routing, endpoint))
         return self._routed(raw, routing, endpoint)
 
-    def _joined(self, read: tuple, request: NodeRequest, endpoint: str):
+    def _joined(self, read: tuple[bytes, Routing], request: NodeRequest,
+                endpoint: str) -> Routed | Deferred[Routed]:
         """A large body was joined and read in a worker thread: route it."""
         raw, routing = read
         request.body_joined(raw)
         return self._routed(raw, routing, endpoint)
 
-    def _in_thread(self, function, *args) -> Deferred:
+    def _in_thread(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run C{function} in the reactor's thread pool (inline under a test's Clock)."""
         pool = getattr(self._clock, "getThreadPool", None)
         if pool is None:
             return maybeDeferred(function, *args)
-        return deferToThreadPool(self._clock, pool(), function, *args)
+        return deferToThreadPool(cast("IReactorFromThreads", self._clock), pool(), function,
+                                 *args)
 
-    def _routed(self, raw: bytes, routing: Routing, endpoint: str):
+    def _routed(self, raw: bytes, routing: Routing, endpoint: str) -> Routed | Deferred[Routed]:
         """C{route}'s answer once the body's routing members are known."""
         fields = routing.members
         name = fields.get("model")
@@ -288,7 +307,7 @@ class Forwarder:
             raw = _edited(raw, routing, model)
         return runtime, raw, streaming
 
-    def route_form(self, request, endpoint: str):
+    def route_form(self, request: WebRequest, endpoint: str) -> Routed | Deferred[Routed]:
         """L{route} for a C{multipart/form-data} body: the model is its C{model} field.
 
         Parameter filters do not apply to forms; C{upstream_model} does.
@@ -302,7 +321,7 @@ class Forwarder:
         raw = read_body(request, self._limit)
         return self._form_routed(raw, form_fields(raw, boundary, _FORM_ROUTING), endpoint)
 
-    def _form_routed(self, raw: bytes, fields: dict, endpoint: str):
+    def _form_routed(self, raw: bytes, fields: Fields, endpoint: str) -> Routed:
         """C{route_form}'s answer once the form's routing fields are known."""
         if b"model" not in fields:
             raise BadRequest("missing required form field 'model'", param="model")
@@ -314,12 +333,13 @@ class Forwarder:
         stream = fields.get(b"stream")
         return runtime, raw, stream is not None and form_text(raw, stream) == "true"
 
-    def _route_streamed(self, body: BodyStream, boundary: bytes, endpoint: str) -> Deferred:
+    def _route_streamed(self, body: BodyStream, boundary: bytes,
+                        endpoint: str) -> Deferred[Routed]:
         """Route an upload still arriving: once the beginning that holds its C{model} field
         is here, fire with the runtime and the body (a producer that sends what is held, then
         the rest as it arrives). A form whose model comes only after a large file is held
         whole first."""
-        routed: Deferred = Deferred()
+        routed: Deferred[Routed] = Deferred()
 
         def look() -> None:
             if routed.called:
@@ -352,7 +372,7 @@ class Forwarder:
         look()
         return routed
 
-    def runtime_for(self, name: str, endpoint: str):
+    def runtime_for(self, name: str, endpoint: str) -> ModelRuntime:
         """The runtime of the model called C{name}, if it serves C{endpoint}; else a
         L{NodeError} (404 unknown, 400 wrong mode)."""
         runtime = self._node.lookup(name)
@@ -368,7 +388,8 @@ class Forwarder:
                 f"{ENDPOINTS[endpoint]}", param="model", code="wrong_model_mode")
         return runtime
 
-    def forward(self, request, runtime, body, streaming: bool = False,
+    def forward(self, request: WebRequest, runtime: ModelRuntime, body: bytes | BodyStream,
+                streaming: bool = False,
                 endpoint: Optional[str] = None, target: Optional[bytes] = None) -> None:
         """Start forwarding the request (the scheduler counts it until its response ends).
 
@@ -383,11 +404,11 @@ class Forwarder:
                  endpoint, streaming, target).start()
 
 
-def _edited(raw: bytes, routing: Routing, model) -> bytes:
+def _edited(raw: bytes, routing: Routing, model: Model) -> bytes:
     """The body C{model}'s backend gets: only the model renamed (spliced in place, no
     decoding) when that is the only edit, else decoded, edited and encoded again."""
     if not (model.strip_params or model.set_params or model.default_params):
-        return with_model(raw, routing, model.upstream_model)
+        return with_model(raw, routing, cast(str, model.upstream_model))  # the only edit
     return json.dumps(model.edit_body(parse_json_object(raw))).encode("utf-8")
 
 
@@ -408,9 +429,10 @@ class Exchange:
     L{ModelRuntime.request_abandoned} if not.
     """
 
-    def __init__(self, request, runtime, body: bytes, http, clock, program,
+    def __init__(self, request: WebRequest, runtime: ModelRuntime, body: bytes | BodyStream,
+                 http: HTTPClient, clock: IReactorTime, program: Program,
                  watch: "HeaderWatch", endpoint: Optional[str] = None, streaming: bool = False,
-                 target: Optional[bytes] = None):
+                 target: Optional[bytes] = None) -> None:
         self._watch = watch
         self._target = target
         self._runtime = runtime
@@ -420,7 +442,7 @@ class Exchange:
         self._program = program
         self._headers_late = False
         self._sending = False
-        self._work: Optional[Deferred] = None
+        self._work: Optional[Deferred[Any]] = None
         self._admitted = False
         self._ticket: Optional[Ticket] = None
         self.streaming = streaming
@@ -439,7 +461,7 @@ class Exchange:
             self._work = Deferred.fromCoroutine(self._run())
             self._work.addErrback(self._crashed)
 
-    def _answered(self, result, sending: Deferred) -> None:
+    def _answered(self, result: IResponse | Failure, sending: Deferred[IResponse]) -> None:
         """The backend's response (or why there is none) to a request sent at once."""
         self._watch.unwatch(None, sending)
         try:
@@ -452,7 +474,7 @@ class Exchange:
         except Exception:
             self._crashed(Failure())
 
-    def _ended(self, result) -> None:
+    def _ended(self, result: Optional[Failure]) -> None:
         """The response ended (C{result} None) or the client left first: tell the runtime."""
         runtime = self._runtime
         status = self._pending.request.code if result is None else 499
@@ -465,7 +487,7 @@ class Exchange:
         except Exception:
             log.failure("ending a request to {model} failed", model=runtime.model.id)
 
-    def _crashed(self, failure) -> None:
+    def _crashed(self, failure: Failure) -> None:
         log.failure("proxying a request to {model} failed", failure,
                     model=self._runtime.model.id)
         pending = self._pending
@@ -491,7 +513,7 @@ class Exchange:
             return
         self._deliver(response)
 
-    async def _wait_turn(self, ticket: Ticket):
+    async def _wait_turn(self, ticket: Ticket) -> tuple[str, int]:
         """Wait until the scheduler lets the request through; streaming clients hear what it
         waits for meanwhile."""
         self._ticket = ticket
@@ -504,9 +526,9 @@ class Exchange:
         self._ticket = None
         return address
 
-    def _send_failed(self, failure) -> Optional[Deferred]:
+    def _send_failed(self, failure: Failure) -> Optional[Deferred[None]]:
         if not failure.check(BackendRefused):
-            self._fail(failure.value)
+            self._fail(cast(Exception, failure.value))
             return None
         self._work = Deferred.fromCoroutine(self._retry())
         return self._work
@@ -519,7 +541,7 @@ class Exchange:
             return
         self._deliver(response)
 
-    async def _after_refused(self):
+    async def _after_refused(self) -> IResponse:
         """The backend refused the connection: it died a moment ago and the node has not
         seen its exit yet. Nothing of this request reached it: once the crash is noticed,
         wait for the restarted backend and try again."""
@@ -538,13 +560,13 @@ class Exchange:
         else:
             self._pending.send_error(error)
 
-    def _deliver(self, response) -> None:
+    def _deliver(self, response: IResponse) -> None:
         if not self._pending.open:
             response.deliverBody(_Discard())
             return
         headers_sent = self._loading is not None and self._loading.stop()
         if headers_sent and response.code != 200:
-            self._loading.relay_error(response)
+            cast(LoadingComments, self._loading).relay_error(response)
             return
         StreamRelay(self._pending, self._clock, self._program.stream_idle_timeout).start(
             response, headers_sent=headers_sent)
@@ -563,13 +585,13 @@ class Exchange:
             return False
         return True
 
-    def _send(self, host: str, port: int) -> Deferred:
+    def _send(self, host: str, port: int) -> Deferred[IResponse]:
         """Send the request; fires with the backend's response once its headers arrived
         (within C{backend_header_timeout})."""
         sending = self._request(host, port)
         return sending.addBoth(self._watch.unwatch, sending)
 
-    def _request(self, host: str, port: int) -> Deferred:
+    def _request(self, host: str, port: int) -> Deferred[IResponse]:
         """Send the request, watched for the header timeout until the caller unwatches it."""
         self._sending = True
         request = self._pending.request
@@ -577,17 +599,21 @@ class Exchange:
         if target is None:
             target = request.uri if request.uri.startswith(b"/") else request.path
         url = backend_url(host, port, target)
-        headers = forwarded_headers(request, _REQUEST_DROP)
+        headers: list[tuple[bytes, bytes]] | Headers = forwarded_headers(request,
+                                                                         _REQUEST_DROP)
         if type(self._http) is not BackendClient:
-            headers = headers_of(headers)  # treq's own client takes no pairs
-        sending = self._http.request(
-            request.method.decode("ascii"), url, headers=headers, data=self._body,
+            # treq's own client takes no pairs
+            headers = headers_of(cast("list[tuple[bytes, bytes]]", headers))
+        sending: Deferred[IResponse] = self._http.request(  # type: ignore[assignment]
+            request.method.decode("ascii"), url,
+            headers=headers,  # type: ignore[arg-type]  # a BackendClient takes pairs
+            data=self._body,
             cookies=_NO_COOKIES, allow_redirects=False, unbuffered=True)
         if not sending.called:
             self._watch.watch(sending, self._too_late)
         return sending
 
-    def _too_late(self, sending: Deferred) -> None:
+    def _too_late(self, sending: Deferred[IResponse]) -> None:
         self._headers_late = True
         sending.cancel()
 
@@ -629,21 +655,23 @@ class HeaderWatch:
     L{stop} ends it for good.
     """
 
-    def __init__(self, clock, timeout: float):
+    def __init__(self, clock: IReactorTime, timeout: float) -> None:
         self._clock = clock
         self._timeout = timeout
         self._tick = min(1.0, timeout / 4)
-        self._watched: dict = {}
+        self._watched: dict[Deferred[IResponse],
+                            tuple[float, Callable[[Deferred[IResponse]], object]]] = {}
         self._timer: Optional[IDelayedCall] = None
         self._stopped = False
 
-    def watch(self, sending: Deferred, on_late) -> None:
+    def watch(self, sending: Deferred[IResponse],
+              on_late: Callable[[Deferred[IResponse]], object]) -> None:
         """Call C{on_late(sending)} if C{sending} is still watched after the timeout."""
         self._watched[sending] = (self._clock.seconds() + self._timeout, on_late)
         if self._timer is None and not self._stopped:
             self._timer = self._clock.callLater(self._tick, self._check)
 
-    def unwatch(self, result, sending: Deferred):
+    def unwatch(self, result: T, sending: Deferred[IResponse]) -> T:
         """Stop watching C{sending} (a callback: passes C{result} on)."""
         self._watched.pop(sending, None)
         return result
@@ -673,13 +701,13 @@ class HeaderWatch:
 class _Discard:
     """A body protocol that closes a response nobody wants any more."""
 
-    def makeConnection(self, transport):
+    def makeConnection(self, transport: IPushProducer) -> None:
         transport.stopProducing()
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> None:
         pass
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure) -> None:
         pass
 
 
@@ -694,8 +722,8 @@ class LoadingComments:
 
     interval = 1.0
 
-    def __init__(self, pending: PendingResponse, clock, model_id: str,
-                 describe: Callable[[], str]):
+    def __init__(self, pending: PendingResponse, clock: IReactorTime, model_id: str,
+                 describe: Callable[[], str]) -> None:
         self._pending = pending
         self._clock = clock
         self._model_id = model_id
@@ -734,7 +762,7 @@ class LoadingComments:
             self._pending.request.write(b"data: " + error.body() + b"\n\n")
             self._pending.finish()
 
-    def relay_error(self, response) -> None:
+    def relay_error(self, response: IResponse) -> None:
         """The backend answered an error after the stream began: pass it on as an event."""
         d = treq_content(response)
         d.addCallback(lambda body: self.send_error(BadGateway(

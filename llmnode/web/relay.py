@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional, cast
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
@@ -16,6 +17,11 @@ from zope.interface import implementer
 from llmnode.web.client import BackendResponse
 from llmnode.web.common import PendingResponse, headers_of, pairs_of
 from llmnode.web.server import NodeRequest
+
+if TYPE_CHECKING:
+    from twisted.web.iweb import IResponse
+
+    from llmnode.web.server import WebRequest
 
 log = Logger()
 
@@ -26,13 +32,14 @@ HOP_BY_HOP = frozenset({
 })
 
 
-def end_to_end(headers: Headers, also_drop: frozenset = frozenset()) -> Headers:
+def end_to_end(headers: Headers, also_drop: frozenset[bytes] = frozenset()) -> Headers:
     """A copy of C{headers} without hop-by-hop ones, those named in C{Connection}, and
     C{also_drop} (lower-case names)."""
     return headers_of(end_to_end_pairs(pairs_of(headers), also_drop))
 
 
-def end_to_end_pairs(pairs: list, also_drop: frozenset = frozenset()) -> list:
+def end_to_end_pairs(pairs: list[tuple[bytes, bytes]],
+                     also_drop: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
     """The C{(name, value)} pairs that L{end_to_end} would keep, from raw pairs."""
     dropped = _DROPPED.get(also_drop)
     if dropped is None:
@@ -51,10 +58,11 @@ def end_to_end_pairs(pairs: list, also_drop: frozenset = frozenset()) -> list:
 
 
 #: HOP_BY_HOP with each set of names also dropped by a caller.
-_DROPPED: dict = {}
+_DROPPED: dict[frozenset[bytes], frozenset[bytes]] = {}
 
 
-def forwarded_headers(request, also_drop: frozenset = frozenset()) -> list:
+def forwarded_headers(request: WebRequest,
+                      also_drop: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
     """The end-to-end headers of a client's request (see L{end_to_end}) as C{(name, value)}
     pairs. A L{llmnode.web.server.NodeRequest}'s are read from its raw pairs, so no
     C{Headers} object is made on the way (L{llmnode.web.client.BackendClient} takes pairs)."""
@@ -63,14 +71,14 @@ def forwarded_headers(request, also_drop: frozenset = frozenset()) -> list:
     return end_to_end_pairs(pairs, also_drop)
 
 
-def _response_pairs(response) -> list:
+def _response_pairs(response: IResponse) -> list[tuple[bytes, bytes]]:
     """A backend response's headers as C{(name, value)} pairs: the raw ones of the node's
     agent (under treq's wrapper, C{original}), else read from its C{Headers}."""
     pairs = getattr(getattr(response, "original", response), "raw_headers", None)
     return pairs if pairs is not None else pairs_of(response.headers)
 
 
-def _complete_body(response) -> Optional[bytes]:
+def _complete_body(response: IResponse) -> Optional[bytes]:
     """The whole body of a response whose every byte arrived already (the node's agent
     tells), else None."""
     complete = getattr(getattr(response, "original", response), "complete_body", None)
@@ -81,7 +89,7 @@ def _complete_body(response) -> Optional[bytes]:
 _NOT_RELAYED = frozenset({b"content-length"})
 
 
-def _no_delay(request) -> None:
+def _no_delay(request: WebRequest) -> None:
     """Send small writes to the client at once (no Nagle delay), set once per connection."""
     channel = getattr(request, "channel", None)
     if getattr(channel, "llmnode_no_delay", False):
@@ -96,7 +104,7 @@ def _no_delay(request) -> None:
             channel.llmnode_no_delay = True
 
 
-def is_event_stream(pairs: list) -> bool:
+def is_event_stream(pairs: list[tuple[bytes, bytes]]) -> bool:
     """Whether a response's content type (in its header C{pairs}) is C{text/event-stream}."""
     for name, value in pairs:
         if name.lower() == b"content-type":
@@ -122,7 +130,7 @@ class StreamRelay(Protocol):
     """
 
     def __init__(self, pending: PendingResponse, clock: IReactorTime, idle_timeout: float,
-                 on_end=None):
+                 on_end: Optional[Callable[[Optional[Failure]], object]] = None) -> None:
         self._pending = pending
         self._clock = clock
         self._idle_timeout = idle_timeout
@@ -134,7 +142,7 @@ class StreamRelay(Protocol):
         self._registered = False
         self._delivering = False
 
-    def start(self, response, headers_sent: bool = False) -> None:
+    def start(self, response: IResponse, headers_sent: bool = False) -> None:
         """Send C{response}'s status and headers to the client (unless C{headers_sent}
         already), then relay its body."""
         request = self._pending.request
@@ -143,7 +151,8 @@ class StreamRelay(Protocol):
             request.setResponseCode(response.code, response.phrase)
             kept = request.responseHeaders
             typed = event_stream = False
-            pairs = response.raw_headers if ours else _response_pairs(response)
+            pairs = (cast(BackendResponse, response).raw_headers if ours
+                     else _response_pairs(response))
             for name, value in end_to_end_pairs(pairs, _NOT_RELAYED):
                 if name[0] in b"cC":  # a cheap test first: most headers are neither
                     lower = name.lower()
@@ -160,7 +169,8 @@ class StreamRelay(Protocol):
                 request.setHeader(b"X-Accel-Buffering", b"no")
         if type(request) is not NodeRequest:  # the node's channel sets TCP_NODELAY itself
             _no_delay(request)
-        body = response.complete_body() if ours else _complete_body(response)
+        body = (cast(BackendResponse, response).complete_body() if ours
+                else _complete_body(response))
         if body is not None:
             # The whole answer is already here (most non-streamed answers): one write.
             self._done = True
@@ -185,18 +195,18 @@ class StreamRelay(Protocol):
 
     # The backend side (IProtocol).
 
-    def connectionMade(self):
+    def connectionMade(self) -> None:
         if not self._pending.open:
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> None:
         if not self._pending.open:
             return
         if not self._delivering:
             self._arm()
         self._pending.request.write(data)
 
-    def connectionLost(self, reason=None):
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self._done = True
         self._disarm()
         if self._stalled:
@@ -209,11 +219,11 @@ class StreamRelay(Protocol):
                 self._pending.finish()
             else:
                 log.info("backend response ended in error: {why}",
-                         why=str(reason.value)[:300])
+                         why=str(cast(Failure, reason).value)[:300])
                 self._pending.cut()
         self._report(None if clean else reason)
 
-    def _report(self, result) -> None:
+    def _report(self, result: Optional[Failure]) -> None:
         on_end, self._on_end = self._on_end, None
         if on_end is not None:
             try:
@@ -223,19 +233,19 @@ class StreamRelay(Protocol):
 
     # The client side (IPushProducer, called by twisted.web's channel).
 
-    def pauseProducing(self):
+    def pauseProducing(self) -> None:
         self._paused = True
         self._disarm()
         if self.transport is not None:
-            self.transport.pauseProducing()
+            cast(IPushProducer, self.transport).pauseProducing()
 
-    def resumeProducing(self):
+    def resumeProducing(self) -> None:
         self._paused = False
         if self.transport is not None and not self._done:
             self._arm()
-            self.transport.resumeProducing()
+            cast(IPushProducer, self.transport).resumeProducing()
 
-    def stopProducing(self):
+    def stopProducing(self) -> None:
         self._abort_backend()
 
     # Timers and teardown.
@@ -266,11 +276,11 @@ class StreamRelay(Protocol):
 
     def _abort_backend(self) -> None:
         if self.transport is not None and not self._done:
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()
 
 
 class StreamStalled(Exception):
     """The backend sent nothing for the stream idle timeout."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float) -> None:
         super().__init__(f"backend sent nothing for {seconds:g} s")

@@ -4,7 +4,7 @@ as C{/api/health}, where load balancers look first)."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.web.resource import Resource, getChildForRequest
 
@@ -13,9 +13,19 @@ from llmnode.web.auth import Guard
 from llmnode.web.common import ErrorResource
 from llmnode.web.cors import Cors
 from llmnode.web.metrics import MetricsResource
-from llmnode.web.proxy import mount
+from llmnode.web.proxy import V1Resource, mount
 from llmnode.web.upload import STREAM_ABOVE
 from llmnode.web.upstream import UpstreamResource
+
+if TYPE_CHECKING:
+    from treq.client import HTTPClient
+    from twisted.internet.interfaces import IReactorTime
+
+    from llmnode.config import Model, Program
+    from llmnode.errors import NodeError
+    from llmnode.node import Node
+    from llmnode.web.logs import LogSource
+    from llmnode.web.server import NodeRequest, WebRequest
 
 
 class Root(Resource):
@@ -25,24 +35,25 @@ class Root(Resource):
     child added later (C{/metrics}) is protected like the rest.
     """
 
-    def __init__(self, guard: Optional[Guard] = None):
+    def __init__(self, guard: Optional[Guard] = None) -> None:
         super().__init__()
         self.guard = guard
-        self.proxy = None
+        self.proxy: Optional[V1Resource] = None
 
     def close(self) -> None:
         """Stop what the tree runs on its own (the proxy's timer)."""
         if self.proxy is not None:
             self.proxy.close()
 
-    def getChildWithDefault(self, path, request):
+    def getChildWithDefault(self, path: bytes, request: WebRequest) -> Resource:
         if self.guard is not None and self.guard.closed:
             denied = self.guard.check(path, request)
             if denied is not None:
                 return denied
-        return super().getChildWithDefault(path, request)
+        child: Resource = super().getChildWithDefault(path, request)
+        return child
 
-    def refuse_early(self, request) -> Optional[tuple]:
+    def refuse_early(self, request: NodeRequest) -> Optional[tuple[NodeError, bytes]]:
         """C{(error, header lines)} when C{request} lacks the key its path needs, judged from
         its head alone: the server answers it before reading its body (see
         L{llmnode.web.server}); None lets the request on."""
@@ -56,7 +67,7 @@ class Root(Resource):
         error, challenge = denied.refusal()
         return error, b"WWW-Authenticate: " + challenge + b"\r\n"
 
-    def streams_body(self, request, length: int) -> bool:
+    def streams_body(self, request: NodeRequest, length: int) -> bool:
         """Whether the body of C{request} (its head; C{length} bytes) is to reach its resource
         as it arrives (see L{llmnode.web.server}): a large upload to an endpoint that streams
         uploads to its backend."""
@@ -64,10 +75,10 @@ class Root(Resource):
             return False
         return getattr(getChildForRequest(self, request), "streams_uploads", False)
 
-    def getChild(self, path, request):
+    def getChild(self, path: bytes, request: WebRequest) -> Resource:
         return ErrorResource()
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes:
         return ErrorResource().render(request)
 
 
@@ -76,17 +87,17 @@ class CorsRoot(Root):
     preflights before the key check. (A node without CORS uses L{Root}: no test per
     request.)"""
 
-    def __init__(self, guard: Optional[Guard] = None, *, cors: Cors):
+    def __init__(self, guard: Optional[Guard] = None, *, cors: Cors) -> None:
         super().__init__(guard)
         self.cors = cors
 
-    def getChildWithDefault(self, path, request):
+    def getChildWithDefault(self, path: bytes, request: WebRequest) -> Resource:
         preflight = self.cors.check(request)
         if preflight is not None:
             return preflight
         return super().getChildWithDefault(path, request)
 
-    def refuse_early(self, request) -> Optional[tuple]:
+    def refuse_early(self, request: NodeRequest) -> Optional[tuple[NodeError, bytes]]:
         """L{Root.refuse_early}, its 401 carrying the CORS headers like any other answer."""
         refusal = super().refuse_early(request)
         origin = request.getHeader(b"Origin")
@@ -97,9 +108,10 @@ class CorsRoot(Root):
                        + b"\r\nVary: Origin\r\n")
 
 
-def build_root(node, http, clock, program, *, devices: Callable[[], list],
-               reload: Callable[[], dict], node_log=None,
-               model_log: Optional[Callable] = None,
+def build_root(node: Node, http: HTTPClient, clock: IReactorTime, program: Program, *,
+               devices: Callable[[], list[dict[str, Any]]],
+               reload: Callable[[], dict[str, Any]], node_log: Optional[LogSource] = None,
+               model_log: Optional[Callable[[Model], LogSource]] = None,
                ready: Callable[[], bool] = lambda: True) -> Root:
     """The whole tree for one node, behind the keys of C{program}; C{reload}, C{node_log}
     and C{model_log} as L{ApiResource} takes them.
@@ -110,8 +122,8 @@ def build_root(node, http, clock, program, *, devices: Callable[[], list],
         root: Root = CorsRoot(Guard(program), cors=Cors(program.cors_origins))
     else:
         root = Root(Guard(program))
-    root.proxy = mount(root, node, http, clock, program)
-    root.putChild(b"upstream", UpstreamResource(node, root.proxy.forwarder))
+    root.proxy = proxy = mount(root, node, http, clock, program)
+    root.putChild(b"upstream", UpstreamResource(node, proxy.forwarder))
     api = ApiResource(node, clock, devices=devices, reload=reload, node_log=node_log,
                       model_log=model_log, ready=ready)
     root.putChild(b"api", api)

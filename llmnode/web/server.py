@@ -36,7 +36,7 @@ from __future__ import annotations
 import io
 import time
 from email.utils import formatdate
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, TypeAlias, cast
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -52,6 +52,16 @@ from twisted.web.server import NOT_DONE_YET
 
 from llmnode.errors import BadRequest, MethodNotAllowed, NodeError
 from llmnode.web.upload import BodyStream
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress, IPullProducer, IPushProducer
+    from twisted.web.resource import Resource
+    from twisted.web.server import Request
+
+    from llmnode.web.common import ITCPConnection
+
+    #: A request as the resource tree gets it: twisted.web's, or this server's.
+    WebRequest: TypeAlias = "Request | NodeRequest"
 from llmnode.web.common import (
     BODY_TIMEOUT, IDLE_TIMEOUT, MAX_HEAD_BYTES, RequestTimeout, HeadTooLarge, RequestLineTooLong,
     SocketWriter, body_too_large, headers_of, pairs_of, render_error)
@@ -90,15 +100,15 @@ class ResponseHeaders:
 
     __slots__ = ("_items",)
 
-    def __init__(self):
-        self._items: dict = {}
+    def __init__(self) -> None:
+        self._items: dict[bytes, tuple[bytes, list[bytes]]] = {}
 
-    def setRawHeaders(self, name, values) -> None:
+    def setRawHeaders(self, name: bytes | str, values: Sequence[bytes | str]) -> None:
         if type(name) is not bytes:
             name = _as_bytes(name)
         self._items[name.lower()] = (name, [_as_bytes(v) for v in values])
 
-    def addRawHeader(self, name, value) -> None:
+    def addRawHeader(self, name: bytes | str, value: bytes | str) -> None:
         if type(name) is not bytes or type(value) is not bytes:
             name, value = _as_bytes(name), _as_bytes(value)
         lower = name.lower()
@@ -108,17 +118,18 @@ class ResponseHeaders:
         else:
             entry[1].append(value)
 
-    def getRawHeaders(self, name, default=None):
+    def getRawHeaders(self, name: bytes | str,
+                      default: Optional[list[bytes]] = None) -> Optional[list[bytes]]:
         entry = self._items.get(_as_bytes(name).lower())
         return default if entry is None else list(entry[1])
 
-    def hasHeader(self, name) -> bool:
+    def hasHeader(self, name: bytes | str) -> bool:
         return _as_bytes(name).lower() in self._items
 
-    def removeHeader(self, name) -> None:
+    def removeHeader(self, name: bytes | str) -> None:
         self._items.pop(_as_bytes(name).lower(), None)
 
-    def getAllRawHeaders(self):
+    def getAllRawHeaders(self) -> Iterator[tuple[bytes, list[bytes]]]:
         return iter(self._items.values())
 
 
@@ -126,7 +137,7 @@ def _one_line(text: bytes) -> bytes:
     return text.replace(b"\r\n", b" ").replace(b"\r", b" ").replace(b"\n", b" ")
 
 
-def _as_bytes(value) -> bytes:
+def _as_bytes(value: bytes | str) -> bytes:
     return value.encode("latin-1") if isinstance(value, str) else value
 
 
@@ -147,10 +158,11 @@ class NodeRequest:
 
     #: The body as it arrives (L{llmnode.web.upload.BodyStream}) when the request was
     #: dispatched at the end of its headers; None when it was read whole.
-    body_stream = None
+    body_stream: Optional[BodyStream] = None
 
     def __init__(self, channel: "NodeChannel", method: bytes, uri: bytes, version: bytes,
-                 headers: list, body, keep_alive: bool):
+                 headers: list[tuple[bytes, bytes]], body: bytes | list[bytes],
+                 keep_alive: bool) -> None:
         self.channel = channel
         self.transport = channel.transport
         self.site = channel.factory
@@ -160,20 +172,20 @@ class NodeRequest:
         self._raw_headers = headers
         self._headers: Optional[Headers] = None
         if type(body) is list:
-            self.body_parts: Optional[list] = body
+            self.body_parts: Optional[list[bytes]] = body
             self._raw_body: Optional[bytes] = None
         else:
             self.body_parts = None
-            self._raw_body = body
+            self._raw_body = body  # type: ignore[assignment]  # bytes, not a list
         self.keep_alive = keep_alive
         path, _, self._query = uri.partition(b"?")
         self.path = path
-        self.prepath: list = []
+        self.prepath: list[bytes] = []
         segments = path[1:].split(b"/")
         self.postpath = ([unquote_to_bytes(segment) for segment in segments] if b"%" in path
                          else segments)
-        self._args = None
-        self._content = None
+        self._args: Optional[dict[bytes, list[bytes]]] = None
+        self._content: Optional[io.BytesIO] = None
         self.code = 200
         self.code_message = b"OK"
         self.responseHeaders = ResponseHeaders()
@@ -181,8 +193,8 @@ class NodeRequest:
         self.finished = False
         self.gone = False
         self._chunked = False
-        self._finish_waiters: Optional[list] = None
-        self._producer = None
+        self._finish_waiters: Optional[list[Callable[[Optional[Failure]], object]]] = None
+        self._producer: Optional[IPushProducer | IPullProducer] = None
 
     # -- what arrived -----------------------------------------------------------------------
 
@@ -191,7 +203,7 @@ class NodeRequest:
         """The body as received (joined here, on first use, if it came as L{body_parts})."""
         body = self._raw_body
         if body is None:
-            body = self._raw_body = b"".join(self.body_parts)
+            body = self._raw_body = b"".join(cast("list[bytes]", self.body_parts))
             self.body_parts = None
         return body
 
@@ -201,7 +213,7 @@ class NodeRequest:
         self.body_parts = None
 
     @property
-    def args(self) -> dict:
+    def args(self) -> dict[bytes, list[bytes]]:
         if self._args is None:
             self._args = parse_qs(self._query, keep_blank_values=True) if self._query else {}
         return self._args
@@ -213,17 +225,17 @@ class NodeRequest:
             self._headers = headers_of(self._raw_headers)
         return self._headers
 
-    def header_items(self) -> list:
+    def header_items(self) -> list[tuple[bytes, bytes]]:
         """The request headers as C{(name, value)} pairs, in arrival order (changes made
         through L{requestHeaders} included)."""
         if self._headers is None:
             return self._raw_headers
         return pairs_of(self._headers)
 
-    def getHeader(self, name) -> Optional[bytes]:
+    def getHeader(self, name: bytes | str) -> Optional[bytes]:
         if self._headers is not None:
             values = self._headers.getRawHeaders(name)
-            return values[-1] if values else None
+            return values[-1] if values else None  # type: ignore[return-value]
         wanted = _as_bytes(name).lower()
         found = None
         for key, value in self._raw_headers:
@@ -232,18 +244,18 @@ class NodeRequest:
         return found
 
     @property
-    def content(self):
+    def content(self) -> io.BytesIO:
         """The body as a file (twisted.web's C{request.content})."""
         if self._content is None:
             self._content = io.BytesIO(self.raw_body)
         return self._content
 
-    def getClientAddress(self):
+    def getClientAddress(self) -> IAddress:
         return self.transport.getPeer()
 
     getPeer = getClientAddress
 
-    def getHost(self):
+    def getHost(self) -> IAddress:
         return self.transport.getHost()
 
     def isSecure(self) -> bool:
@@ -257,7 +269,7 @@ class NodeRequest:
         self.code = code
         self.code_message = message or _REASONS.get(code, b"Unknown Status")
 
-    def setHeader(self, name, value) -> None:
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
         if type(name) is not bytes or type(value) is not bytes:
             name, value = _as_bytes(name), _as_bytes(value)
         self.responseHeaders._items[name.lower()] = (name, [value])
@@ -322,7 +334,7 @@ class NodeRequest:
                 _call(waiter, None)
         self.channel.request_done(self)
 
-    def when_finished(self, callback) -> None:
+    def when_finished(self, callback: Callable[[Optional[Failure]], object]) -> None:
         """Call C{callback(None)} once the response is finished, or C{callback(failure)} if
         the connection is lost first (L{notifyFinish} without a Deferred)."""
         if self.finished:
@@ -334,15 +346,15 @@ class NodeRequest:
         else:
             self._finish_waiters.append(callback)
 
-    def notifyFinish(self) -> Deferred:
+    def notifyFinish(self) -> Deferred[None]:
         """Fires None once the response is finished, or fails if the connection is lost
         first."""
-        waiter: Deferred = Deferred()
+        waiter: Deferred[None] = Deferred()
         self.when_finished(lambda result: waiter.callback(result) if result is None
                            else waiter.errback(result))
         return waiter
 
-    def registerProducer(self, producer, streaming: bool) -> None:
+    def registerProducer(self, producer: IPushProducer | IPullProducer, streaming: bool) -> None:
         self._producer = producer
         if not self.gone:
             self.transport.registerProducer(producer, streaming)
@@ -407,7 +419,7 @@ class NodeRequest:
         self.finish()
 
 
-def _call(callback, result) -> None:
+def _call(callback: Callable[[Optional[Failure]], object], result: Optional[Failure]) -> None:
     try:
         callback(result)
     except Exception:
@@ -421,12 +433,14 @@ class NodeChannel(Protocol):
     #: aborted.
     linger_timeout = 2.0
 
-    def __init__(self, factory: "NodeSite"):
+    transport: ITCPConnection
+
+    def __init__(self, factory: "NodeSite") -> None:
         self.factory = factory
         self._clock = factory.clock
         self._parser = HttpRequestParser(self)
         self._current: Optional[NodeRequest] = None
-        self._waiting: list = []
+        self._waiting: list[NodeRequest] = []
         self._paused = False
         self._closing = False
         self._refused = False
@@ -443,15 +457,15 @@ class NodeChannel(Protocol):
         self._ended_in_chunk = False
         self._in_url = False
         self._feeding = 0
-        self.send = None
+        self.send: Callable[[bytes], None] = None  # type: ignore[assignment]  # connectionMade
         self.llmnode_no_delay = False
         self._reset_message()
 
     def _reset_message(self) -> None:
         self._stream: Optional[BodyStream] = None
         self._url = b""
-        self._headers: list = []
-        self._body: list = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
         self._body_bytes = 0
         self._chunked_body = False
         self._declared: Optional[bytes] = None
@@ -616,7 +630,7 @@ class NodeChannel(Protocol):
         self._current = request
         request.process()
 
-    def _early_refusal(self) -> Optional[tuple]:
+    def _early_refusal(self) -> Optional[tuple[NodeError, bytes]]:
         """(error, extra header lines) when the root resource refuses this request from its
         head alone (C{refuse_early}), so that its body need not be read; else None."""
         refuse_early = getattr(self.factory.resource, "refuse_early", None)
@@ -625,7 +639,8 @@ class NodeChannel(Protocol):
         parser = self._parser
         head = NodeRequest(self, parser.get_method(), self._url, b"HTTP/1.1", self._headers,
                            b"", False)
-        return refuse_early(head)
+        refusal: Optional[tuple[NodeError, bytes]] = refuse_early(head)
+        return refusal
 
     def on_body(self, data: bytes) -> None:
         stream = self._stream
@@ -798,9 +813,9 @@ class NodeSite(ServerFactory):
     noisy = False
     head_limit = MAX_HEAD_BYTES
 
-    def __init__(self, resource, *, max_body_bytes: Optional[int] = None,
+    def __init__(self, resource: Resource, *, max_body_bytes: Optional[int] = None,
                  idle_timeout: float = IDLE_TIMEOUT, head_timeout: Optional[float] = None,
-                 body_timeout: float = BODY_TIMEOUT, clock: Any = None):
+                 body_timeout: float = BODY_TIMEOUT, clock: Any = None) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         self.resource = resource
@@ -809,17 +824,17 @@ class NodeSite(ServerFactory):
         self.head_timeout = idle_timeout if head_timeout is None else head_timeout
         self.body_timeout = body_timeout
         self.clock = clock
-        self.channels: set = set()
-        self.lost_waiters: dict = {}
+        self.channels: set[NodeChannel] = set()
+        self.lost_waiters: dict[NodeChannel, Deferred[None]] = {}
 
-    def buildProtocol(self, addr) -> NodeChannel:
+    def buildProtocol(self, addr: Optional[IAddress]) -> NodeChannel:
         return NodeChannel(self)
 
-    def close_all(self) -> Deferred:
+    def close_all(self) -> Deferred[Any]:
         """Abort every open connection; fire once all are gone."""
         waiting = []
         for channel in list(self.channels):
-            lost: Deferred = Deferred()
+            lost: Deferred[None] = Deferred()
             self.lost_waiters[channel] = lost
             waiting.append(lost)
             channel.transport.abortConnection()

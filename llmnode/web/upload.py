@@ -10,12 +10,17 @@ as it arrives, and reading from the client pauses while the backend connection i
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IConsumer
+
+    from llmnode.web.common import ITCPConnection
 
 #: Uploads with a C{Content-Length} above this many bytes are streamed; smaller ones are read
 #: whole, like any request body.
@@ -40,7 +45,7 @@ class BodyStream:
     @ivar failure: why the body will never be complete (the client left), or None.
     """
 
-    def __init__(self, transport, length: int):
+    def __init__(self, transport: ITCPConnection, length: int) -> None:
         self.length = length
         self.complete = False
         self.failure: Optional[Failure] = None
@@ -49,8 +54,8 @@ class BodyStream:
         self._held_bytes = 0
         self._hold_limit: Optional[int] = None
         self._watcher: Optional[Callable[[], None]] = None
-        self._consumer = None
-        self._done: Optional[Deferred] = None
+        self._consumer: Optional[IConsumer] = None
+        self._done: Optional[Deferred[None]] = None
         self._stopped = False
         self._holding_back = False  # reading paused because too much is held
         self._backend_full = False  # reading paused because the backend is
@@ -113,7 +118,7 @@ class BodyStream:
 
     # -- IBodyProducer -------------------------------------------------------------------------
 
-    def startProducing(self, consumer) -> Deferred:
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         self._watcher = None
         held, self._held, self._held_bytes = self._held, [], 0
         for data in held:

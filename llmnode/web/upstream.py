@@ -9,12 +9,20 @@ request; the C{/v1} keys apply (see L{llmnode.web.auth}).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmnode.errors import BadRequest, ModelNotFound, NodeError
 from llmnode.web.common import ErrorResource, read_body, render_error
+
+if TYPE_CHECKING:
+    from llmnode.web.server import WebRequest
+
+    from llmnode.node import ModelRuntime, Node
+    from llmnode.web.proxy import Forwarder
 
 log = Logger()
 
@@ -25,12 +33,12 @@ class UpstreamResource(Resource):
     @param forwarder: the proxy's L{llmnode.web.proxy.Forwarder}.
     """
 
-    def __init__(self, node, forwarder):
+    def __init__(self, node: Node, forwarder: Forwarder) -> None:
         super().__init__()
         self._node = node
         self._forwarder = forwarder
 
-    def getChild(self, path, request):
+    def getChild(self, path: bytes, request: WebRequest) -> Resource:
         name = path.decode("utf-8", "replace")
         runtime = self._node.lookup(name) if name else None
         if runtime is None:
@@ -38,7 +46,7 @@ class UpstreamResource(Resource):
                 f"the model {name[:200]!r} does not exist on this node", param="model"))
         return UpstreamModel(self._forwarder, runtime)
 
-    def render(self, request):
+    def render(self, request: WebRequest) -> bytes:
         return ErrorResource().render(request)
 
 
@@ -47,13 +55,14 @@ class UpstreamModel(Resource):
 
     isLeaf = True
 
-    def __init__(self, forwarder, runtime):
+    def __init__(self, forwarder: Forwarder, runtime: ModelRuntime) -> None:
         super().__init__()
         self._forwarder = forwarder
         self._runtime = runtime
 
-    def render(self, request):
-        path, mark, query = request.uri.partition(b"?")
+    def render(self, request: WebRequest) -> bytes | int:
+        uri: bytes = request.uri
+        path, mark, query = uri.partition(b"?")
         parts = path.split(b"/", 3)  # b"", b"upstream", the model, the rest
         if len(parts) < 4:
             # The backend's pages link relative to their folder: /upstream/m must be
