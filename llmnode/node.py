@@ -480,9 +480,11 @@ class Node:
     def _refresh_soon(self) -> None:
         if self.scheduler.closed:
             return
-        # A service without a device monitor (not started) answers None.
-        self.effects.refresh_devices().addCallback(  # type: ignore[call-overload]
-            self.devices_changed).addErrback(
+        def read(devices: Optional[Mapping[str, Device]]) -> None:
+            if devices is not None:  # None: a service not started has no device monitor
+                self.devices_changed(devices)
+
+        self.effects.refresh_devices().addCallback(read).addErrback(
             lambda f: self.log.failure("reading the devices", f))
 
     # -- decisions out -----------------------------------------------------------------------------

@@ -791,7 +791,7 @@ class _Connection(Protocol):
         self._status = status
         self._headers_done = True
         self._keep_alive = self._parser.should_keep_alive()
-        if cast(_Request, self._request).method == b"HEAD":
+        if self._request.method == b"HEAD":  # type: ignore[union-attr]
             self._complete = True
 
     def on_body(self, data: bytes) -> None:
@@ -805,7 +805,7 @@ class _Connection(Protocol):
             self._complete = True
 
     def _make_response(self) -> BackendResponse:
-        request = cast(_Request, self._request)
+        request: _Request = self._request  # type: ignore[assignment]
         status = self._status
         length: int | str  # or UNKNOWN_LENGTH
         if request.method == b"HEAD" or status in (204, 304):
@@ -823,7 +823,9 @@ class _Connection(Protocol):
         return response
 
     def _finish_message(self) -> None:
-        response, request = cast(BackendResponse, self._response), cast(_Request, self._request)
+        # Annotations rather than cast(): this runs for every response.
+        response: BackendResponse = self._response  # type: ignore[assignment]
+        request: _Request = self._request  # type: ignore[assignment]
         self._request = None
         self._response = None
         request.connection = None

@@ -281,7 +281,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
                 pass  # json.loads below says what is wrong
             else:
                 if end == len(text):
-                    return cast("dict[str, Any]", value)  # an object: it began with {
+                    found: dict[str, Any] = value  # an object: it began with {
+                    return found
         value = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"request body is not valid JSON: {str(e)[:200]}") from None

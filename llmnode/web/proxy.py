@@ -205,10 +205,12 @@ class ProxyEndpoint(Resource):
         except Exception:
             log.failure("routing a {endpoint} request failed", endpoint=self._endpoint)
             return render_error(request, NodeError("internal error in the proxy"))
-        if isinstance(routed, Deferred):
-            self._forward_when_routed(request, routed)
-        else:
+        # type(), not isinstance(): Deferred is an ABC subclass, and ABCMeta's instance check
+        # is one of the dearest calls on this path.
+        if type(routed) is tuple:
             self._forwarder.forward(request, *routed, self._endpoint)
+        else:
+            self._forward_when_routed(request, routed)  # type: ignore[arg-type]
         return NOT_DONE_YET
 
     def _forward_when_routed(self, request: WebRequest, routed: Deferred[Routed]) -> None:

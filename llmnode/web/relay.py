@@ -151,7 +151,7 @@ class StreamRelay(Protocol):
             request.setResponseCode(response.code, response.phrase)
             kept = request.responseHeaders
             typed = event_stream = False
-            pairs = (cast(BackendResponse, response).raw_headers if ours
+            pairs = (response.raw_headers if ours  # type: ignore[attr-defined]
                      else _response_pairs(response))
             for name, value in end_to_end_pairs(pairs, _NOT_RELAYED):
                 if name[0] in b"cC":  # a cheap test first: most headers are neither
@@ -169,7 +169,7 @@ class StreamRelay(Protocol):
                 request.setHeader(b"X-Accel-Buffering", b"no")
         if type(request) is not NodeRequest:  # the node's channel sets TCP_NODELAY itself
             _no_delay(request)
-        body = (cast(BackendResponse, response).complete_body() if ours
+        body = (response.complete_body() if ours  # type: ignore[attr-defined]
                 else _complete_body(response))
         if body is not None:
             # The whole answer is already here (most non-streamed answers): one write.
