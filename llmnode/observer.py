@@ -60,8 +60,3 @@ class OneShotObserver(Generic[T]):
         if waiter in self._waiters:
             self._waiters.remove(waiter)
 
-
-def fire_when(operation: Deferred[T], observer: OneShotObserver[T]) -> OneShotObserver[T]:
-    """Fire C{observer} with C{operation}'s outcome (consumed); return the observer."""
-    operation.addBoth(observer.fire)
-    return observer

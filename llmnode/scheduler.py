@@ -302,7 +302,7 @@ class Scheduler:
         if not start and slot.requests_queued >= self._queue_room(slot):
             decisions.append(Reject(ticket, model_id, Overloaded(
                 f"model {model_id!r} already has {slot.model.max_queue} requests waiting "
-                f"(max_queue)", retry_after=self._retry_hint(slot, now))))
+                f"(max_queue)", retry_after=self._retry_hint(slot))))
             return decisions
         if start and slot.history.retry_after(now) is not None:
             slot.history.reset()  # an operator's start lifts a crash hold-back
@@ -630,7 +630,8 @@ class Scheduler:
     def _estimate(slot: Slot) -> str:
         return f", ~{slot.load_s:.0f} s" if slot.load_s is not None else ""
 
-    def _retry_hint(self, slot: Slot, now: float) -> float:
+    @staticmethod
+    def _retry_hint(slot: Slot) -> float:
         return max(1.0, round(slot.load_s or 1.0))
 
     # -- the decision ------------------------------------------------------------------------
@@ -683,7 +684,7 @@ class Scheduler:
                     decisions.append(Reject(waiter.ticket, slot.model.id, Unavailable(
                         f"waited {now - waiter.arrived:.0f} s (queue_timeout) for model "
                         f"{slot.model.id!r}: still waiting for {what}",
-                        retry_after=self._retry_hint(slot, now))))
+                        retry_after=self._retry_hint(slot))))
         return expired
 
     def _admit_running(self, now: float, decisions: list[Decision]) -> None:
