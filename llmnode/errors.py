@@ -59,16 +59,34 @@ class MethodNotAllowed(NodeError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(NodeError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class BodyTooLarge(NodeError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
 
 
+class RequestLineTooLong(NodeError):
+    status = 414
+    type = "invalid_request_error"
+    code = "request_line_too_long"
+
+
 class Overloaded(NodeError):
     status = 429
     type = "rate_limit_error"
     code = "model_overloaded"
+
+
+class HeadTooLarge(NodeError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
 
 
 class BadGateway(NodeError):

@@ -29,7 +29,7 @@ from llmnode.placement import Placement, free_mb
 from llmnode.sweeper import Sweeper
 from llmnode.web.client import BackendAgent, make_client
 from llmnode.web.auth import warn_if_open
-from llmnode.web.common import max_body_bytes
+from llmnode.web.body import max_body_bytes
 from llmnode.web.server import NodeSite
 from llmnode.web.root import Root, build_root
 

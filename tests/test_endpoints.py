@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from llmnode.config import Program
 from llmnode.errors import BadRequest
 from llmnode.web.client import make_client
-from llmnode.web.common import max_body_bytes
+from llmnode.web.body import max_body_bytes
 from llmnode.web.multipart import boundary_of, form_fields
 from llmnode.web.proxy import mount
 from llmnode.web.root import Root

@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
-from llmnode.web.common import MAX_HEAD_BYTES
+from llmnode.web.server import MAX_HEAD_BYTES
 from llmnode.web.server import NodeSite
 from tests.support.nodes import (base_url, demo_model, free_port, get_json, http_client,
                                  sleep, start_node)

@@ -25,7 +25,9 @@ from twisted.web.server import NOT_DONE_YET
 from llmnode.config import Program
 from llmnode.errors import BadGateway, BodyTooLarge, Unavailable
 from llmnode.web import proxy
-from llmnode.web.common import PendingResponse, full_routing, read_body, render_error
+from llmnode.web.body import read_body
+from llmnode.web.responses import PendingResponse, render_error
+from llmnode.web.routing import full_routing
 from tests.support.demo import spawn_demo
 from tests.support.fake_node import FakeRuntime, model
 from tests.support.net import (

@@ -8,8 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmnode.errors import BadRequest
-from llmnode.web.common import (SCAN_ABOVE, full_routing, quick_routing, routing_fields,
-                                with_model)
+from llmnode.web.routing import full_routing, quick_routing, routing_fields, SCAN_ABOVE, with_model
 
 NAMES = ("model", "stream")
 

@@ -17,7 +17,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmnode.errors import NodeError
-from llmnode.web.common import read_body, render_error, render_json
+from llmnode.web.body import read_body
+from llmnode.web.responses import render_error, render_json
 from llmnode.web.server import NodeSite
 from tests.support.net import (decode_chunked, http_client, http_request, listen_node,
                                parse_response, raw_connect)

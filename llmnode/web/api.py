@@ -17,8 +17,13 @@ from twisted.web.server import NOT_DONE_YET
 from llmnode import __version__
 from llmnode.errors import ModelNotFound, NodeError
 from llmnode.lifecycle import STATES, STOPPED
-from llmnode.web.common import (ErrorResource, PendingResponse, method_not_allowed, render_error,
-                                render_json)
+from llmnode.web.responses import (
+    ErrorResource,
+    method_not_allowed,
+    PendingResponse,
+    render_error,
+    render_json,
+)
 from llmnode.web.logs import LogResource
 
 if TYPE_CHECKING:
@@ -28,7 +33,7 @@ if TYPE_CHECKING:
     from llmnode.config import Model
     from llmnode.node import ModelRuntime, Node
     from llmnode.web.logs import LogSource
-    from llmnode.web.server import WebRequest
+    from llmnode.web.request import WebRequest
 
 #: A JSON answer: its status and body.
 Answer = tuple[int, Any]

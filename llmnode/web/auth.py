@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Iterable, Optional, cast
 from twisted.web.resource import Resource
 
 from llmnode.errors import Unauthorized
-from llmnode.web.common import render_error
+from llmnode.web.responses import render_error
 
 if TYPE_CHECKING:
     from twisted.logger import Logger
-    from llmnode.web.server import WebRequest
+    from llmnode.web.request import WebRequest
 
     from llmnode.config import Program
 

@@ -41,12 +41,13 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IClientRequest, IResponse
 from zope.interface import implementer
 
-from llmnode.web.common import SocketWriter, headers_of, pairs_of
+from llmnode.web.headers import headers_of, pairs_of
+from llmnode.web.sockets import SocketWriter
 
 if TYPE_CHECKING:
     import urllib.request
 
-    from llmnode.web.common import ITCPConnection
+    from llmnode.web.sockets import ITCPConnection
 
 #: A backend's (host, port): the key of its pool of connections.
 Origin = tuple[str, int]

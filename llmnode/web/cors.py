@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 from twisted.web.resource import Resource
 
 from llmnode.errors import NodeError
-from llmnode.web.common import render_error
+from llmnode.web.responses import render_error
 from llmnode.web.server import NodeRequest, ResponseHeaders
 
 if TYPE_CHECKING:
-    from llmnode.web.server import WebRequest
+    from llmnode.web.request import WebRequest
 
 #: Methods a preflight may ask for.
 ALLOWED_METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS"

@@ -17,10 +17,10 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from llmnode.errors import BadRequest
-from llmnode.web.common import ErrorResource, PendingResponse, method_not_allowed, render_error
+from llmnode.web.responses import ErrorResource, method_not_allowed, PendingResponse, render_error
 
 if TYPE_CHECKING:
-    from llmnode.web.server import WebRequest
+    from llmnode.web.request import WebRequest
 
 #: Lines answered when C{?lines} is not given, and the most C{?lines} may ask for.
 DEFAULT_LINES = 100

@@ -17,11 +17,11 @@ from twisted.web.resource import Resource
 
 from llmnode.lifecycle import STATES
 from llmnode.scheduler import STOP_REASONS
-from llmnode.web.common import method_not_allowed
+from llmnode.web.responses import method_not_allowed
 
 if TYPE_CHECKING:
     from prometheus_client import Metric
-    from llmnode.web.server import WebRequest
+    from llmnode.web.request import WebRequest
 
     from llmnode.node import Node
 

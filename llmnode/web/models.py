@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 from twisted.web.resource import Resource
 
 from llmnode.errors import ModelNotFound
-from llmnode.web.common import method_not_allowed, render_error, render_json
+from llmnode.web.responses import method_not_allowed, render_error, render_json
 
 if TYPE_CHECKING:
-    from llmnode.web.server import WebRequest
+    from llmnode.web.request import WebRequest
 
     from llmnode.node import ModelRuntime, Node
 

@@ -39,21 +39,10 @@ from llmnode.lifecycle import RUNNING
 from llmnode.node import ModelRuntime, Ticket
 from llmnode.errors import BadGateway, BadRequest, GatewayTimeout, ModelNotFound, NodeError
 from llmnode.web.client import BackendClient, NoCookies, backend_url
-from llmnode.web.common import (
-    ErrorResource,
-    PendingResponse,
-    headers_of,
-    max_body_bytes,
-    Routing,
-    full_routing,
-    method_not_allowed,
-    parse_json_object,
-    quick_routing,
-    read_body,
-    read_large_body,
-    render_error,
-    with_model,
-)
+from llmnode.web.body import max_body_bytes, parse_json_object, read_body
+from llmnode.web.headers import headers_of
+from llmnode.web.responses import ErrorResource, method_not_allowed, PendingResponse, render_error
+from llmnode.web.routing import full_routing, quick_routing, read_large_body, Routing, with_model
 from llmnode.web.models import ModelsResource
 from llmnode.web.multipart import boundary_of, form_fields, form_text, leading_fields
 from llmnode.web.relay import StreamRelay, forwarded_headers
@@ -67,7 +56,7 @@ if TYPE_CHECKING:
     from llmnode.config import Model, Program
     from llmnode.node import Node
     from llmnode.web.multipart import Fields
-    from llmnode.web.server import WebRequest
+    from llmnode.web.request import WebRequest
 
 T = TypeVar("T")
 

@@ -15,13 +15,14 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from llmnode.web.client import BackendResponse
-from llmnode.web.common import PendingResponse, headers_of, pairs_of
+from llmnode.web.headers import headers_of, pairs_of
+from llmnode.web.responses import PendingResponse
 from llmnode.web.server import NodeRequest
 
 if TYPE_CHECKING:
     from twisted.web.iweb import IResponse
 
-    from llmnode.web.server import WebRequest
+    from llmnode.web.request import WebRequest
 
 log = Logger()
 

@@ -10,7 +10,7 @@ from twisted.web.resource import Resource, getChildForRequest
 
 from llmnode.web.api import ApiResource, HealthResource
 from llmnode.web.auth import Guard
-from llmnode.web.common import ErrorResource
+from llmnode.web.responses import ErrorResource
 from llmnode.web.cors import Cors
 from llmnode.web.metrics import MetricsResource
 from llmnode.web.proxy import V1Resource, mount
@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from llmnode.errors import NodeError
     from llmnode.node import Node
     from llmnode.web.logs import LogSource
-    from llmnode.web.server import NodeRequest, WebRequest
+    from llmnode.web.request import WebRequest
+    from llmnode.web.server import NodeRequest
 
 
 class Root(Resource):

@@ -36,7 +36,7 @@ from __future__ import annotations
 import io
 import time
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, cast
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -50,27 +50,35 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
 
-from llmnode.errors import BadRequest, MethodNotAllowed, NodeError
+from llmnode.errors import (BadRequest, HeadTooLarge, MethodNotAllowed, NodeError,
+                            RequestLineTooLong, RequestTimeout)
 from llmnode.web.upload import BodyStream
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IPullProducer, IPushProducer
     from twisted.web.resource import Resource
-    from twisted.web.server import Request
 
-    from llmnode.web.common import ITCPConnection
-
-    #: A request as the resource tree gets it: twisted.web's, or this server's.
-    WebRequest: TypeAlias = "Request | NodeRequest"
-from llmnode.web.common import (
-    BODY_TIMEOUT, IDLE_TIMEOUT, MAX_HEAD_BYTES, RequestTimeout, HeadTooLarge, RequestLineTooLong,
-    SocketWriter, body_too_large, headers_of, pairs_of, render_error)
+    from llmnode.web.sockets import ITCPConnection
+from llmnode.web.body import body_too_large
+from llmnode.web.headers import headers_of, pairs_of
+from llmnode.web.responses import render_error
+from llmnode.web.sockets import SocketWriter
 
 log = Logger()
 
 _REASONS = {code: phrase for code, phrase in RESPONSES.items()}
 _NO_BODY_CODES = frozenset({204, 304})
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+
+#: Bytes a request line plus its headers may take (twisted.web's own default).
+MAX_HEAD_BYTES = 16384
+
+#: Seconds a connection may stay silent (keep-alive included), and the most a client may take to
+#: send a request line and its headers.
+IDLE_TIMEOUT = 60.0
+
+#: The most seconds a client may take to send a request body (C{program.body_timeout}).
+BODY_TIMEOUT = 300.0
 
 #: Bodies larger than this reach the resource as the pieces they arrived in
 #: (L{NodeRequest.body_parts}): joining 50 MB takes the reactor some 30 to 60 ms.

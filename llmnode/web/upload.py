@@ -20,7 +20,7 @@ from zope.interface import implementer
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IConsumer
 
-    from llmnode.web.common import ITCPConnection
+    from llmnode.web.sockets import ITCPConnection
 
 #: Uploads with a C{Content-Length} above this many bytes are streamed; smaller ones are read
 #: whole, like any request body.

@@ -16,10 +16,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmnode.errors import BadRequest, ModelNotFound, NodeError
-from llmnode.web.common import ErrorResource, read_body, render_error
+from llmnode.web.body import read_body
+from llmnode.web.responses import ErrorResource, render_error
 
 if TYPE_CHECKING:
-    from llmnode.web.server import WebRequest
+    from llmnode.web.request import WebRequest
 
     from llmnode.node import ModelRuntime, Node
     from llmnode.web.proxy import Forwarder

@@ -6,7 +6,7 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 
 from llmnode.config import Program
-from llmnode.web.common import max_body_bytes
+from llmnode.web.body import max_body_bytes
 from llmnode.web.proxy import mount
 from tests.support.fake_node import FakeNode
 from tests.support.net import http_client, listen_node
