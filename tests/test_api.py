@@ -1,18 +1,103 @@
-"""The management API over a real node: each endpoint, its errors, auto_start and crashes."""
+"""The management API: each endpoint, its errors and auto_start on a node in memory; pids,
+stops, start failures and crashes over real backend processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
 import psutil
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.support.memory import memory_model, start_memory_node
 from tests.support.nodes import (base_url, demo_model, free_port, get_json, http_client,
                                  pids_alive, post_json, sleep, start_node)
 
 
-class ManagementApiTests(TestCase):
+class ManagementApiTests(SynchronousTestCase):
+    """Each endpoint and its errors, on a whole node in memory (L{tests.support.memory})."""
+
+    def node(self, models=None, **backends):
+        self.service = start_memory_node(
+            self, models or {"chat": memory_model(9601, aliases=["alias-of-chat"])},
+            backends=backends)
+
+    def test_start_without_waiting_answers_202(self):
+        self.node(chat={"start_delay": 0.5})
+        status, info, _ = self.service.call_json("POST", "/api/models/chat/start?wait=false", {})
+        self.assertEqual(status, 202)
+        self.assertEqual(info["state"], "starting")
+        for _ in range(100):
+            status, info, _ = self.service.call_json("GET", "/api/models/chat/info")
+            if info["state"] == "running":
+                break
+            self.service.net.run(0.05)
+        self.assertEqual(info["state"], "running")
+
+    def test_models_lists_every_model(self):
+        self.node({"a": memory_model(9601), "b": memory_model(9602, mode="Embedding")})
+        status, body, _ = self.service.call_json("GET", "/api/models")
+        self.assertEqual(status, 200)
+        self.assertEqual([m["id"] for m in body["models"]], ["a", "b"])
+        self.assertEqual([m["mode"] for m in body["models"]], ["Chat", "Embedding"])
+
+    def test_unknown_model_is_404_json(self):
+        self.node()
+        for method, path in (("GET", "/models/nope/info"), ("POST", "/models/nope/start"),
+                             ("POST", "/models/nope/stop")):
+            response, content = self.service.call(method, "/api" + path)
+            self.assertEqual(response.code, 404, path)
+            error = json.loads(content)["error"]
+            self.assertEqual(error["code"], "model_not_found")
+            self.assertIn("nope", error["message"])
+
+    def test_wrong_method_is_405_json(self):
+        self.node()
+        for method, path, allowed in (("GET", "/models/chat/start", b"POST"),
+                                      ("POST", "/models/chat/info", b"GET"),
+                                      ("DELETE", "/health", b"GET"),
+                                      ("GET", "/models/stop-all", b"POST")):
+            response, content = self.service.call(method, "/api" + path)
+            self.assertEqual(response.code, 405, path)
+            self.assertEqual(response.headers.getRawHeaders(b"Allow"), [allowed])
+            self.assertEqual(json.loads(content)["error"]["code"], "method_not_allowed")
+
+    def test_head_on_health_answers_like_get_without_a_body(self):
+        self.node()
+        response, content = self.service.call("HEAD", "/api/health")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"Content-Type"), [b"application/json"])
+        self.assertGreater(int(response.headers.getRawHeaders(b"Content-Length")[0]), 0)
+        self.assertEqual(content, b"")
+        status, health, _ = self.service.call_json("GET", "/api/health")
+        self.assertEqual((status, health["status"]), (200, "ok"))
+
+    def test_auto_start_models_start_in_the_background(self):
+        self.node({"auto": memory_model(9601, auto_start=True), "lazy": memory_model(9602)},
+                  auto={"start_delay": 0.3})
+        states = []
+        for _ in range(100):
+            status, health, _ = self.service.call_json("GET", "/api/health")
+            states.append(health["models"]["starting"])
+            if health["models"]["starting"]:
+                break
+            self.service.net.run(0.01)
+        self.assertEqual(states[-1], 1, "the node answers while auto_start models start")
+        for _ in range(100):
+            _, info, _ = self.service.call_json("GET", "/api/models/auto/info")
+            if info["state"] == "running":
+                break
+            self.service.net.run(0.05)
+        self.assertEqual(info["state"], "running")
+        _, info, _ = self.service.call_json("GET", "/api/models/lazy/info")
+        self.assertEqual(info["state"], "stopped")
+
+
+class ManagementApiProcessTests(TestCase):
+    """What the API says about real backend processes: their pids, gone once stopped, and
+    the output of one that failed to start."""
+
     timeout = 60
 
     async def node(self, **models):
@@ -35,26 +120,6 @@ class ManagementApiTests(TestCase):
         self.assertEqual(info["state"], "stopped")
         self.assertEqual(pids_alive([pid]), [])
 
-    async def test_start_without_waiting_answers_202(self):
-        await self.node(chat=demo_model(free_port(), flags="--start-delay 0.5"))
-        status, info, _ = await post_json(self.http, self.url + "/models/chat/start?wait=false",
-                                          {})
-        self.assertEqual(status, 202)
-        self.assertEqual(info["state"], "starting")
-        for _ in range(100):
-            status, info = await get_json(self.http, self.url + "/models/chat/info")
-            if info["state"] == "running":
-                break
-            await sleep(0.05)
-        self.assertEqual(info["state"], "running")
-
-    async def test_models_lists_every_model(self):
-        await self.node(a=demo_model(free_port()), b=demo_model(free_port(), mode="Embedding"))
-        status, body = await get_json(self.http, self.url + "/models")
-        self.assertEqual(status, 200)
-        self.assertEqual([m["id"] for m in body["models"]], ["a", "b"])
-        self.assertEqual([m["mode"] for m in body["models"]], ["Chat", "Embedding"])
-
     async def test_stop_all(self):
         await self.node(a=demo_model(free_port()), b=demo_model(free_port()))
         pids = []
@@ -66,37 +131,6 @@ class ManagementApiTests(TestCase):
         self.assertEqual(sorted(body["stopped"]), ["a", "b"])
         self.assertEqual(pids_alive(pids), [])
 
-    async def test_unknown_model_is_404_json(self):
-        await self.node()
-        for method, path in (("GET", "/models/nope/info"), ("POST", "/models/nope/start"),
-                             ("POST", "/models/nope/stop")):
-            response = await self.http.request(method, self.url + path)
-            self.assertEqual(response.code, 404, path)
-            error = (await response.json())["error"]
-            self.assertEqual(error["code"], "model_not_found")
-            self.assertIn("nope", error["message"])
-
-    async def test_wrong_method_is_405_json(self):
-        await self.node()
-        for method, path, allowed in (("GET", "/models/chat/start", b"POST"),
-                                      ("POST", "/models/chat/info", b"GET"),
-                                      ("DELETE", "/health", b"GET"),
-                                      ("GET", "/models/stop-all", b"POST")):
-            response = await self.http.request(method, self.url + path)
-            self.assertEqual(response.code, 405, path)
-            self.assertEqual(response.headers.getRawHeaders(b"Allow"), [allowed])
-            self.assertEqual((await response.json())["error"]["code"], "method_not_allowed")
-
-    async def test_head_on_health_answers_like_get_without_a_body(self):
-        await self.node()
-        response = await self.http.head(self.url + "/health")
-        self.assertEqual(response.code, 200)
-        self.assertEqual(response.headers.getRawHeaders(b"Content-Type"), [b"application/json"])
-        self.assertGreater(int(response.headers.getRawHeaders(b"Content-Length")[0]), 0)
-        self.assertEqual(await response.content(), b"")
-        status, health = await get_json(self.http, self.url + "/health")
-        self.assertEqual((status, health["status"]), (200, "ok"))
-
     async def test_failed_start_reports_the_backend_output(self):
         await self.node(chat=demo_model(free_port(), flags="--exit-at-once 'no weights here'"))
         status, body, headers = await post_json(self.http, self.url + "/models/chat/start", {})
@@ -106,26 +140,6 @@ class ManagementApiTests(TestCase):
         _, info = await get_json(self.http, self.url + "/models/chat/info")
         self.assertEqual(info["state"], "failed")
         self.assertIn("no weights here", info["last_error"])
-
-    async def test_auto_start_models_start_in_the_background(self):
-        await self.node(auto=demo_model(free_port(), auto_start=True, flags="--start-delay 0.3"),
-                        lazy=demo_model(free_port()))
-        states = []
-        for _ in range(100):
-            status, health = await get_json(self.http, self.url + "/health")
-            states.append(health["models"]["starting"])
-            if health["models"]["starting"]:
-                break
-            await sleep(0.01)
-        self.assertEqual(states[-1], 1, "the node answers while auto_start models start")
-        for _ in range(100):
-            _, info = await get_json(self.http, self.url + "/models/auto/info")
-            if info["state"] == "running":
-                break
-            await sleep(0.05)
-        self.assertEqual(info["state"], "running")
-        _, info = await get_json(self.http, self.url + "/models/lazy/info")
-        self.assertEqual(info["state"], "stopped")
 
 
 class CrashTests(TestCase):

@@ -1,4 +1,5 @@
-"""Bearer keys on /v1, /rerank, /api and /metrics: the guard in memory, then a real node."""
+"""Bearer keys on /v1, /rerank, /api and /metrics: the guard alone, then a whole node (both in
+memory)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import json
 
 from treq.testing import StubTreq
 from twisted.logger import Logger
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from llmnode.config import Program
 from llmnode.web.auth import Guard, KeySet, open_paths_warning, warn_if_open
 from llmnode.web.root import Root
-from tests.support.nodes import base_url, demo_model, free_port, http_client, start_node
+from tests.support.memory import memory_model, start_memory_node
 
 
 class Echo(Resource):
@@ -163,77 +164,72 @@ API_ROUTES = [("GET", "/api/devices"), ("GET", "/api/models"), ("GET", "/api/mod
               ("POST", "/api/models/stop-all"), ("POST", "/api/models/chat/start")]
 
 
-class LiveNodeTests(TestCase):
-    timeout = 60
+class LiveNodeTests(SynchronousTestCase):
+    """A whole node, in memory (L{tests.support.memory})."""
 
-    async def node(self, **program):
-        self.service = await start_node(self, {"chat": demo_model(free_port())}, **program)
-        self.http = http_client(self)
-        self.url = base_url(self.service)
+    def node(self, **program):
+        self.service = start_memory_node(self, {"chat": memory_model(9501)}, **program)
 
-    async def call(self, method, path, key=None):
+    def call(self, method, path, key=None):
         headers = {b"Content-Type": [b"application/json"]}
         if key is not None:
             headers[b"Authorization"] = [b"Bearer " + key.encode()]
-        body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "hi"}],
-                           "input": "x", "query": "q", "documents": ["d"], "prompt": "p"})
-        response = await self.http.request(method, self.url + path, headers=headers,
-                                           data=body.encode() if method == "POST" else None)
-        content = await response.content()
-        return response.code, json.loads(content), response.headers
+        body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+                "input": "x", "query": "q", "documents": ["d"], "prompt": "p"}
+        return self.service.call_json(method, path, body if method == "POST" else None,
+                                      headers)
 
-    async def test_every_route_needs_the_key(self):
-        await self.node(api_keys=["client-key"])
+    def test_every_route_needs_the_key(self):
+        self.node(api_keys=["client-key"])
         for method, path in V1_ROUTES + API_ROUTES:
-            status, body, headers = await self.call(method, path)
+            status, body, headers = self.call(method, path)
             self.assertEqual(status, 401, path)
             self.assertEqual(body["error"]["code"], "invalid_api_key", path)
             self.assertTrue(headers.getRawHeaders(b"WWW-Authenticate"), path)
-            status, _, _ = await self.call(method, path, "wrong-key")
+            status, _, _ = self.call(method, path, "wrong-key")
             self.assertEqual(status, 401, path)
-        status, body, _ = await self.call("GET", "/api/health")
+        status, body, _ = self.call("GET", "/api/health")
         self.assertEqual((status, body["status"]), (200, "ok"))
 
-    async def test_the_key_opens_every_route(self):
-        await self.node(api_keys=["client-key"])
+    def test_the_key_opens_every_route(self):
+        self.node(api_keys=["client-key"])
         for method, path in V1_ROUTES + API_ROUTES:
-            status, body, _ = await self.call(method, path, "client-key")
+            status, body, _ = self.call(method, path, "client-key")
             self.assertNotIn(status, (401, 404, 500), (path, body))
-        status, body, _ = await self.call("POST", "/v1/chat/completions", "client-key")
+        status, body, _ = self.call("POST", "/v1/chat/completions", "client-key")
         self.assertEqual(status, 200, body)
         self.assertNotIn("authorization", {k.lower() for k in body["llmnode_echo"]["headers"]},
                          "the node's key must not reach the backend")
 
-    async def test_admin_keys_guard_api_and_client_keys_do_not_open_it(self):
-        await self.node(api_keys=["client-key"], admin_api_keys=["admin-key"])
+    def test_admin_keys_guard_api_and_client_keys_do_not_open_it(self):
+        self.node(api_keys=["client-key"], admin_api_keys=["admin-key"])
         for method, path in API_ROUTES:
-            status, _, _ = await self.call(method, path, "client-key")
+            status, _, _ = self.call(method, path, "client-key")
             self.assertEqual(status, 401, path)
-        status, body, _ = await self.call("GET", "/api/models", "admin-key")
+        status, body, _ = self.call("GET", "/api/models", "admin-key")
         self.assertEqual(status, 200)
         self.assertEqual([m["id"] for m in body["models"]], ["chat"])
-        status, _, _ = await self.call("GET", "/v1/models", "admin-key")
+        status, _, _ = self.call("GET", "/v1/models", "admin-key")
         self.assertEqual(status, 401)
-        status, _, _ = await self.call("GET", "/v1/models", "client-key")
+        status, _, _ = self.call("GET", "/v1/models", "client-key")
         self.assertEqual(status, 200)
 
-    async def test_closed_health(self):
-        await self.node(api_keys=["client-key"], open_health=False)
-        status, _, _ = await self.call("GET", "/api/health")
+    def test_closed_health(self):
+        self.node(api_keys=["client-key"], open_health=False)
+        status, _, _ = self.call("GET", "/api/health")
         self.assertEqual(status, 401)
-        status, _, _ = await self.call("GET", "/api/health", "client-key")
+        status, _, _ = self.call("GET", "/api/health", "client-key")
         self.assertEqual(status, 200)
 
-    async def test_metrics_follow_the_admin_keys_unless_metrics_auth_is_off(self):
-        await self.node(api_keys=["client-key"], admin_api_keys=["admin-key"])
+    def test_metrics_follow_the_admin_keys_unless_metrics_auth_is_off(self):
+        self.node(api_keys=["client-key"], admin_api_keys=["admin-key"])
         for key, expected in ((None, 401), ("client-key", 401), ("admin-key", 200)):
             headers = {b"Authorization": [b"Bearer " + key.encode()]} if key else {}
-            response = await self.http.get(self.url + "/metrics", headers=headers)
-            await response.content()
+            response, _ = self.service.call("GET", "/metrics", headers=headers)
             self.assertEqual(response.code, expected, key)
 
-    async def test_metrics_open_with_metrics_auth_false(self):
-        await self.node(api_keys=["client-key"], metrics_auth=False)
-        response = await self.http.get(self.url + "/metrics")
+    def test_metrics_open_with_metrics_auth_false(self):
+        self.node(api_keys=["client-key"], metrics_auth=False)
+        response, content = self.service.call("GET", "/metrics")
         self.assertEqual(response.code, 200)
-        self.assertIn(b"llmnode", await response.content())
+        self.assertIn(b"llmnode", content)

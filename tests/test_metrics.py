@@ -1,11 +1,16 @@
-"""GET /metrics after traffic: the counters moved as the traffic implies."""
+"""GET /metrics after traffic: the counters moved as the traffic implies.
+
+The node runs in memory (L{tests.support.memory}); its backends are the demo backend's
+resource."""
 
 from __future__ import annotations
 
-from prometheus_client.parser import text_string_to_metric_families
-from twisted.trial.unittest import TestCase
+import json
 
-from tests.support.nodes import base_url, demo_model, free_port, http_client, post_json, start_node
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.support.memory import memory_model, start_memory_node
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -19,30 +24,28 @@ def samples(text: str) -> dict:
     return found
 
 
-class MetricsTests(TestCase):
-    timeout = 60
-
-    async def test_counters_follow_the_traffic(self):
-        service = await start_node(self, {"chat": demo_model(free_port()),
-                                          "embed": demo_model(free_port(), mode="Embedding")})
-        await service.monitor.refresh()
-        http = http_client(self)
-        url = base_url(service)
+class MetricsTests(SynchronousTestCase):
+    def test_counters_follow_the_traffic(self):
+        # The backend takes 0.1 s to start: the first request waits that long.
+        service = start_memory_node(self, {"chat": memory_model(9301),
+                                           "embed": memory_model(9302, mode="Embedding")},
+                                    backends={"chat": {"start_delay": 0.1}})
+        service.net.wait(service.monitor.refresh())
         for _ in range(3):
-            status, _, _ = await post_json(http, url + "/v1/chat/completions", CHAT)
+            status, _, _ = service.call_json("POST", "/v1/chat/completions", CHAT)
             self.assertEqual(status, 200)
-        status, _, _ = await post_json(http, url + "/v1/chat/completions",
-                                       dict(CHAT, chunks="many"))
+        status, _, _ = service.call_json("POST", "/v1/chat/completions",
+                                         dict(CHAT, chunks="many"))
         self.assertEqual(status, 400, "the backend's own 400 is counted too")
-        status, _, _ = await post_json(http, url + "/v1/completions",
-                                       {"model": "embed", "prompt": "x"})
+        status, _, _ = service.call_json("POST", "/v1/completions",
+                                         {"model": "embed", "prompt": "x"})
         self.assertEqual(status, 400, "refused by the node: never reaches a backend")
 
-        response = await http.get(url + "/metrics")
+        response, content = service.call("GET", "/metrics")
         self.assertEqual(response.code, 200)
         self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(
             b"text/plain"))
-        found = samples((await response.content()).decode())
+        found = samples(content.decode())
         chat = ("model", "chat")
         self.assertEqual(found[("llmnode_requests_total",
                                 (("endpoint", "chat"), chat, ("status", "200")))], 3)
@@ -65,28 +68,25 @@ class MetricsTests(TestCase):
                if name == "llmnode_device_memory_reserved_mb" and ("device", "cpu") in labels]
         self.assertEqual(cpu, [64])
 
-    async def test_stops_are_counted_by_reason(self):
-        service = await start_node(self, {"chat": demo_model(free_port())})
-        http = http_client(self)
-        url = base_url(service)
-        status, _, _ = await post_json(http, url + "/v1/chat/completions", CHAT)
+    def test_stops_are_counted_by_reason(self):
+        service = start_memory_node(self, {"chat": memory_model(9301)})
+        status, _, _ = service.call_json("POST", "/v1/chat/completions", CHAT)
         self.assertEqual(status, 200)
-        status, _, _ = await post_json(http, url + "/api/models/chat/stop", {})
+        status, _, _ = service.call_json("POST", "/api/models/chat/stop", {})
         self.assertEqual(status, 200)
-        found = samples((await (await http.get(url + "/metrics")).content()).decode())
+        found = samples(service.call("GET", "/metrics")[1].decode())
         self.assertEqual(found[("llmnode_model_stops_total",
                                 (("model", "chat"), ("reason", "admin")))], 1)
         self.assertEqual(found[("llmnode_model_stops_total",
                                 (("model", "chat"), ("reason", "turn")))], 0)
 
-    async def test_metrics_need_the_admin_key_when_keys_are_set(self):
-        service = await start_node(self, {"chat": demo_model(free_port())},
-                                   admin_api_keys=["admin-key"])
-        http = http_client(self)
-        response = await http.get(base_url(service) + "/metrics")
+    def test_metrics_need_the_admin_key_when_keys_are_set(self):
+        service = start_memory_node(self, {"chat": memory_model(9301)},
+                                    admin_api_keys=["admin-key"])
+        response, content = service.call("GET", "/metrics")
         self.assertEqual(response.code, 401)
-        self.assertEqual((await response.json())["error"]["code"], "invalid_api_key")
-        response = await http.get(base_url(service) + "/metrics",
-                                  headers={b"Authorization": [b"Bearer admin-key"]})
+        self.assertEqual(json.loads(content)["error"]["code"], "invalid_api_key")
+        response, content = service.call("GET", "/metrics",
+                                         headers={b"Authorization": [b"Bearer admin-key"]})
         self.assertEqual(response.code, 200)
-        self.assertIn(b"llmnode_model_state", await response.content())
+        self.assertIn(b"llmnode_model_state", content)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Optional
 
 from treq.client import HTTPClient
@@ -21,16 +22,21 @@ from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
-from twisted.web.client import Agent
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from llmnode.config import Config, Model, load_config
+from llmnode.config import Config, Model, Program, load_config
 from llmnode.demo.backend import BackendOptions, BackendStats, DemoResource
 from llmnode.devices import Device
 from llmnode.devices.interfaces import IDevicePlugin
 from llmnode.service import NodeService
+from llmnode.web.common import max_body_bytes
+from llmnode.web.proxy import mount
+from llmnode.web.server import NodeSite
+from tests.support.fake_node import FakeNode
 from tests.support.nodes import write_config
 
 
@@ -205,6 +211,30 @@ def serve_demo(net: MemoryNet, port: int = 0, **options) -> tuple[_Listening, De
     return net.listenTCP(port, Site(resource, reactor=net)), resource
 
 
+class _Calls:
+    """Requests to a server on a L{MemoryNet} (C{net}, C{url}, C{http_client})."""
+
+    net: MemoryNet
+    url: str
+    http_client: HTTPClient
+
+    def call(self, method: str, path: str, body: Any = None, headers: Optional[dict] = None,
+             **kwargs) -> tuple[Any, bytes]:
+        """Send one request and read the whole answer: C{(response, body)}. A C{body} that is
+        not bytes is sent as JSON."""
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+        response = self.net.wait(self.http_client.request(
+            method, self.url + path, data=body, headers=headers, **kwargs))
+        return response, self.net.wait(response.content())
+
+    def call_json(self, method: str, path: str, body: Any = None,
+                  headers: Optional[dict] = None) -> tuple[int, Any, Any]:
+        """L{call}, the answer decoded: C{(status, JSON, headers)}."""
+        response, content = self.call(method, path, body, headers)
+        return response.code, json.loads(content), response.headers
+
+
 class MemoryBackend:
     """A backend run that serves the demo resource on the model's port of a L{MemoryNet}:
     it starts after C{start_delay} seconds (or fails with C{fail}), stops at once, and
@@ -271,7 +301,7 @@ class CpuPlugin:
                        free_mb=self.total_mb)]
 
 
-class MemoryNode(NodeService):
+class MemoryNode(NodeService, _Calls):
     """A whole node on a L{MemoryNet}; each model's backend is a L{MemoryBackend} built with
     C{backends[model id]} (keyword arguments) if given.
 
@@ -299,23 +329,6 @@ class MemoryNode(NodeService):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.listening_port}"
 
-    def call(self, method: str, path: str, body: Any = None, headers: Optional[dict] = None,
-             **kwargs) -> tuple[Any, bytes]:
-        """Send one request to the node and read the whole answer: C{(response, body)}.
-        A C{body} that is not bytes is sent as JSON."""
-        if body is not None and not isinstance(body, bytes):
-            body = json.dumps(body).encode()
-        response = self.net.wait(self.http_client.request(
-            method, self.url + path, data=body, headers=headers, **kwargs))
-        return response, self.net.wait(response.content())
-
-    def call_json(self, method: str, path: str, body: Any = None,
-                  headers: Optional[dict] = None) -> tuple[int, Any, Any]:
-        """L{call}, the answer decoded: C{(status, JSON, headers)}."""
-        response, content = self.call(method, path, body, headers)
-        return response.code, json.loads(content), response.headers
-
-
 def start_memory_node(testcase, models: dict, *, backends: Optional[dict[str, dict]] = None,
                       **program) -> MemoryNode:
     """A L{MemoryNode} of C{models} (mappings as in a config file) with C{program} settings,
@@ -336,3 +349,26 @@ def memory_model(port: int, mode: str = "Chat", memory_mb: int = 64, **keys) -> 
                       "memory_mb": {"cpu": memory_mb}}}
     model.update(keys)
     return model
+
+
+class MemoryProxy(_Calls):
+    """The C{/v1} proxy (and C{/rerank}) mounted on C{root} in front of a fake node of
+    C{runtimes}, served by the node's server on a L{MemoryNet}; its client to backends is
+    treq over the same network (a backend is whatever listens there: L{serve_demo}, a
+    L{Site})."""
+
+    def __init__(self, testcase, runtimes, program: Program = Program(),
+                 root: Optional[Resource] = None, net: Optional[MemoryNet] = None) -> None:
+        self.net = net = MemoryNet() if net is None else net
+        self.root = Resource() if root is None else root
+        pool = HTTPConnectionPool(net, persistent=True)
+        pool.retryAutomatically = False
+        backends = HTTPClient(Agent.usingEndpointFactory(net, _Endpoints(net), pool=pool),
+                              cookiejar=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+                              data_to_body_producer=_Body)
+        self.v1 = mount(self.root, FakeNode(runtimes), backends, net, program)
+        testcase.addCleanup(self.v1.close)
+        self.site = NodeSite(self.root, max_body_bytes=max_body_bytes(program.max_body_mb),
+                             clock=net)
+        self.url = f"http://127.0.0.1:{net.listenTCP(0, self.site).getHost().port}"
+        self.http_client = net.client()
