@@ -17,7 +17,10 @@ from llmnode.launcher import ModelLog
 from llmnode.launcher.logfile import last_lines
 from llmnode.logs import LogBuffer
 from llmnode.web.logs import LogResource, LogStream
-from tests.support.net import http_client, http_request, listen_node, parse_response, raw_connect
+from llmnode.web.server import NodeSite
+from tests.support.memory import MemoryNet, memory_model, start_memory_node
+from tests.support.net import (RawClient, http_client, http_request, parse_response,
+                               raw_connect)
 from tests.support.nodes import base_url, demo_model, free_port, start_node
 
 
@@ -110,44 +113,44 @@ class FakeSource:
             listener(list(lines))
 
 
-class LogResourceTests(TestCase):
-    timeout = 30
+class LogResourceTests(SynchronousTestCase):
+    """The resource served by the node's server, in memory (L{tests.support.memory})."""
 
     def serve(self, source):
-        _, port = listen_node(self, LogResource(source))
-        return port
+        self.net = MemoryNet()
+        return self.net.listenTCP(0, NodeSite(LogResource(source), clock=self.net)).getHost().port
 
-    async def get(self, port, path):
-        response = await http_client(self).get(f"http://127.0.0.1:{port}{path}")
-        return response, await response.content()
+    def get(self, port, path):
+        response = self.net.wait(self.net.client().get(f"http://127.0.0.1:{port}{path}"))
+        return response, self.net.wait(response.content())
 
-    async def test_tail_as_text(self):
+    def test_tail_as_text(self):
         port = self.serve(FakeSource([f"l{i}" for i in range(200)]))
-        response, content = await self.get(port, "/?lines=2")
+        response, content = self.get(port, "/?lines=2")
         self.assertEqual((response.code, content), (200, b"l198\nl199\n"))
         self.assertEqual(response.headers.getRawHeaders(b"content-type"),
                          [b"text/plain; charset=utf-8"])
-        response, content = await self.get(port, "/")
+        response, content = self.get(port, "/")
         self.assertEqual(content.count(b"\n"), 100)
         for bad in ("-1", "x", "10001"):
-            response, content = await self.get(port, f"/?lines={bad}")
+            response, content = self.get(port, f"/?lines={bad}")
             self.assertEqual(response.code, 400)
             self.assertEqual(json.loads(content)["error"]["param"], "lines")
 
-    async def test_follow_streams_new_lines_until_the_client_leaves(self):
+    def test_follow_streams_new_lines_until_the_client_leaves(self):
         source = FakeSource(["old 1", "old 2"])
         port = self.serve(source)
-        client = await raw_connect(self, port)
+        client = self.net.connect(port, RawClient())
         client.transport.write(http_request("GET", "/?follow=1&lines=1"))
-        await client.when_received(b"data: old 2\n\n")
+        self.net.wait(client.when_received(b"data: old 2\n\n"))
         self.assertNotIn(b"old 1", client.data)
         source.write("new\rline")
-        await client.when_received(b"data: new line\n\n")
+        self.net.wait(client.when_received(b"data: new line\n\n"))
         status, headers, _, complete = parse_response(client.data)
         self.assertEqual((status, complete), (200, False))
         self.assertEqual(headers["content-type"], ["text/event-stream"])
         client.transport.abortConnection()
-        await source.unfollowed
+        self.net.wait(source.unfollowed)
         self.assertEqual(source.listeners, [])
 
     def test_a_slow_follower_holds_a_bounded_number_of_lines(self):
@@ -168,7 +171,7 @@ class LogResourceTests(TestCase):
 
 
 class LogEndpointTests(TestCase):
-    """Through a whole node: its own log and a model's, behind the admin keys."""
+    """Through a whole node: a model's log, written by its real backend process."""
 
     timeout = 60
 
@@ -185,18 +188,20 @@ class LogEndpointTests(TestCase):
         response = await http_client(self).get(url + "/api/models/m/logs?lines=5")
         self.assertIn(b"listening on 127.0.0.1", await response.content())
 
-    async def test_the_node_log_and_the_admin_key(self):
-        service = await start_node(self, {"m": demo_model(free_port())},
-                                   api_keys=["user"], admin_api_keys=["admin"])
-        url = base_url(service) + "/api/logs?lines=50"
-        http = http_client(self)
-        response = await http.get(url, headers={"Authorization": ["Bearer user"]})
+
+
+class NodeLogEndpointTests(SynchronousTestCase):
+    """The node's own log through a whole node, in memory (L{tests.support.memory})."""
+
+    def test_the_node_log_and_the_admin_key(self):
+        service = start_memory_node(self, {"m": memory_model(9701)},
+                                    api_keys=["user"], admin_api_keys=["admin"])
+        path = "/api/logs?lines=50"
+        response, _ = service.call("GET", path, headers={"Authorization": ["Bearer user"]})
         self.assertEqual(response.code, 401)
-        await response.content()
-        response = await http.get(url, headers={"Authorization": ["Bearer admin"]})
+        response, content = service.call("GET", path, headers={"Authorization": ["Bearer admin"]})
         self.assertEqual(response.code, 200)
-        self.assertIn(b"llmnode serving 1 models", await response.content())
-        response = await http.get(base_url(service) + "/api/models/nobody/logs",
-                                  headers={"Authorization": ["Bearer admin"]})
+        self.assertIn(b"llmnode serving 1 models", content)
+        response, _ = service.call("GET", "/api/models/nobody/logs",
+                                   headers={"Authorization": ["Bearer admin"]})
         self.assertEqual(response.code, 404)
-        await response.content()

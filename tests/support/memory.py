@@ -17,7 +17,7 @@ from typing import Any, Optional
 from treq.client import HTTPClient
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -163,6 +163,10 @@ class MemoryNet(MemoryReactorClock):
         if isinstance(results[0], Failure):
             results[0].raiseException()
         return results[0]
+
+    def connect(self, port: int, protocol):
+        """Connect C{protocol} to C{port} (a raw client); return it once connected."""
+        return self.wait(connectProtocol(TCP4ClientEndpoint(self, "127.0.0.1", port), protocol))
 
     def client(self) -> HTTPClient:
         """A treq client whose connections go over this network."""
