@@ -87,7 +87,7 @@ class CorsTests(SynchronousTestCase):
             request.finish()
 
         net = MemoryNet()
-        backend_port = net.listenTCP(0, Site(ScriptedBackend(script))).getHost().port
+        backend_port = net.listenTCP(0, Site(ScriptedBackend(script), reactor=net)).getHost().port
         runtime = FakeRuntime(model("m"), lambda: ("127.0.0.1", backend_port))
         self.server = MemoryProxy(self, [runtime], root=CorsRoot(cors=Cors([APP])), net=net)
         response, _ = self.call("POST", CHAT, {"Origin": [APP]}, BODY)

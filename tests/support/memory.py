@@ -374,5 +374,6 @@ class MemoryProxy(_Calls):
         testcase.addCleanup(self.v1.close)
         self.site = NodeSite(self.root, max_body_bytes=max_body_bytes(program.max_body_mb),
                              clock=net)
-        self.url = f"http://127.0.0.1:{net.listenTCP(0, self.site).getHost().port}"
+        self.port = net.listenTCP(0, self.site).getHost().port
+        self.url = f"http://127.0.0.1:{self.port}"
         self.http_client = net.client()
