@@ -33,7 +33,7 @@ from llmnode.demo.backend import BackendOptions, BackendStats, DemoResource
 from llmnode.devices import Device
 from llmnode.devices.interfaces import IDevicePlugin
 from llmnode.service import NodeService
-from llmnode.web.common import max_body_bytes
+from llmnode.web.body import max_body_bytes
 from llmnode.web.proxy import mount
 from llmnode.web.server import NodeSite
 from tests.support.fake_node import FakeNode
