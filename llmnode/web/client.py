@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import socket
 from collections import deque
+from enum import Enum
 from functools import lru_cache
 from http.client import HTTPResponse
 from http.cookiejar import Cookie, CookieJar
-from typing import TYPE_CHECKING, Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from httptools import HttpParserError, HttpResponseParser
 from hyperlink import EncodedURL
@@ -31,6 +32,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (IAddress, IConnector, IConsumer, IProducer, IProtocol,
                                          IPushProducer, IReactorTCP)
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     RequestGenerationFailed, ResponseDone, ResponseFailed,
@@ -41,6 +43,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IClientRequest, IResponse
 from zope.interface import implementer
 
+from llmnode.lifecycle import InvalidTransition
 from llmnode.web.headers import headers_of, pairs_of
 from llmnode.web.sockets import SocketWriter
 
@@ -48,6 +51,8 @@ if TYPE_CHECKING:
     import urllib.request
 
     from llmnode.web.sockets import ITCPConnection
+
+_log = Logger()
 
 #: A backend's (host, port): the key of its pool of connections.
 Origin = tuple[str, int]
@@ -345,7 +350,6 @@ class BackendAgent:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
-            connection.pooled = False
             if connection.alive():
                 return connection
             connection.abort()
@@ -392,8 +396,7 @@ class BackendAgent:
         return request
 
     def _recycle(self, connection: "_Connection") -> None:
-        if connection._closing:
-            return
+        """Give an IDLE connection the oldest waiting request, else pool or close it."""
         waiting = self._waiting(connection.key)
         if waiting is not None:
             connection.send(waiting)
@@ -402,15 +405,13 @@ class BackendAgent:
         if self._closing or len(idle) >= self._max_idle:
             connection.close()
             return
-        connection.pooled = True
         idle.append(connection)
 
     def _forget(self, connection: "_Connection") -> None:
-        if connection.pooled:
-            connection.pooled = False
-            idle = self._idle.get(connection.key)
-            if idle and connection in idle:
-                idle.remove(connection)
+        """An IDLE connection was lost: out of the pool with it."""
+        idle = self._idle.get(connection.key)
+        if idle and connection in idle:
+            idle.remove(connection)
 
     def closeCachedConnections(self) -> Deferred[None]:
         """Close the idle connections (and any that turn idle later); fires when they are
@@ -420,7 +421,6 @@ class BackendAgent:
         for idle in self._idle.values():
             while idle:
                 connection = idle.pop()
-                connection.pooled = False
                 closing.append(connection.when_lost())
                 connection.close()
         if not closing:
@@ -594,16 +594,88 @@ class _Unexpected(Exception):
     """The backend sent bytes that belong to no request."""
 
 
+class ConnectionState(str, Enum):
+    """Where a backend connection is in its life; compares equal to its name in lower case.
+
+    A str-Enum, as L{llmnode.lifecycle.State}: its members hash in C, so checking a move
+    against L{CONNECTION_MOVES} makes no Python call."""
+
+    CONNECTING = "connecting"
+    IDLE = "idle"
+    AWAITING_HEAD = "awaiting-head"
+    READING_BODY = "reading-body"
+    COMPLETE = "complete"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+CONNECTING, IDLE, AWAITING_HEAD, READING_BODY, COMPLETE, CLOSING, CLOSED = ConnectionState
+
+#: The moves a connection may make; see L{_Connection} for when each happens.
+CONNECTION_MOVES: dict[ConnectionState, frozenset[ConnectionState]] = {
+    CONNECTING: frozenset({AWAITING_HEAD, IDLE, CLOSED}),
+    IDLE: frozenset({AWAITING_HEAD, CLOSING, CLOSED}),
+    AWAITING_HEAD: frozenset({READING_BODY, COMPLETE, CLOSING, CLOSED}),
+    READING_BODY: frozenset({COMPLETE, CLOSING, CLOSED}),
+    COMPLETE: frozenset({IDLE, CLOSING, CLOSED}),
+    CLOSING: frozenset({CLOSED}),
+    CLOSED: frozenset(),
+}
+
+#: A connection's transition hook: C{(connection, old, new)}.
+ConnectionMoveHook = Callable[["_Connection", ConnectionState, ConnectionState], None]
+
+
 class _Connection(Protocol):
-    """One keep-alive connection to a backend; carries one request at a time."""
+    """One keep-alive connection to a backend; carries one request at a time.
+
+    Its life is C{state}, moved only along L{CONNECTION_MOVES}::
+
+        CONNECTING    -> AWAITING_HEAD  connected: the first request is written
+        CONNECTING    -> IDLE           connected, but the first request was cancelled
+        IDLE          -> AWAITING_HEAD  a request from the pool or the backlog is written
+        IDLE          -> CLOSING        pool full or closed, found dead at checkout, or
+                                        the backend sent bytes nobody asked for
+        AWAITING_HEAD -> READING_BODY   a final (non-1xx) status line and headers arrived
+        AWAITING_HEAD -> COMPLETE       ... the answer to a HEAD request (it has no body)
+        AWAITING_HEAD -> CLOSING        cancelled, unparsable answer, or upload failed
+        READING_BODY  -> COMPLETE       the whole body arrived
+        READING_BODY  -> CLOSING        the body's reader stopped it, unparsable body, or
+                                        upload failed
+        COMPLETE      -> IDLE           keep-alive: back to the agent (pool or backlog)
+        COMPLETE      -> CLOSING        no keep-alive, or the upload is still being sent
+        any but CLOSED -> CLOSED        the connection is lost (C{connectionLost})
+
+    The response is handed out at the end of the read that brought its head (with whatever
+    body came along), so READING_BODY and COMPLETE without a response last only until that
+    read's end, and COMPLETE never outlives the read that completed the message. A connection
+    the agent pools is IDLE. CLOSING means we asked the transport to close (an abort may
+    follow a graceful close); a body aborted by its reader that still completes within the
+    same read is finished there.
+
+    Every move goes through L{_move} (checks the table, raises L{InvalidTransition} on a bug,
+    calls C{on_move} when set), except the four every request makes, which assign C{state}
+    directly when the move is legal and nobody watches: same effect, no call.
+
+    Not lifecycle, so kept as data: the message's framing (C{_length}, C{_chunked},
+    C{_keep_alive}), flow control (C{_paused}: reading from the backend is paused) and the
+    exchange itself (C{_request}, C{_response}).
+
+    @ivar on_move: called with C{(connection, old, new)} after every move (tests watch
+        with it); None (the class default) in the node.
+    """
 
     transport: ITCPConnection
+    on_move: Optional[ConnectionMoveHook] = None
 
     def __init__(self, agent: BackendAgent, first: _Request) -> None:
         self._agent = agent
         self.key = first.key
+        self.state = CONNECTING
         self._first: Optional[_Request] = first
-        self.pooled = False
         self._parser = HttpResponseParser(self)
         self._request: Optional[_Request] = None
         self._response: Optional[BackendResponse] = None
@@ -611,8 +683,20 @@ class _Connection(Protocol):
         self._paused = False
         self._socket: Optional[socket.socket] = None
         self._writer: SocketWriter = None  # type: ignore[assignment]  # connectionMade sets it
-        self._closing = False
-        self._gone = False
+
+    def _move(self, new: ConnectionState) -> None:
+        """Go to C{new} and tell C{on_move}.
+
+        @raise InvalidTransition: the table has no such move (a bug; logged as well, since
+            the parser's callbacks would hide it in a parse error)."""
+        old = self.state
+        if new not in CONNECTION_MOVES[old]:
+            message = f"backend connection to {self.key}: {old} -> {new}"
+            _log.critical("illegal move: {message}", message=message)
+            raise InvalidTransition(message)
+        self.state = new
+        if self.on_move is not None:
+            self.on_move(self, old, new)
 
     # Connection life.
 
@@ -625,13 +709,15 @@ class _Connection(Protocol):
         first.connector = None
         self._agent._connect_ended(self.key)
         if first.deferred.called:
+            self._move(IDLE)
             self._agent._recycle(self)
         else:
             self.send(first)
 
     def alive(self) -> bool:
-        """Whether the backend has not closed this idle connection (nor sent anything)."""
-        if self._closing:
+        """Whether this idle connection is still open at the backend's end (and the backend
+        sent nothing on it)."""
+        if self.state is not IDLE:
             return False
         if self._socket is None:
             return True
@@ -643,26 +729,28 @@ class _Connection(Protocol):
             return False
         return False
 
-    @property
-    def closing(self) -> bool:
-        return self._closing
-
     def when_lost(self) -> Deferred[None]:
+        """A Deferred that fires once the connection is CLOSED."""
         d: Deferred[None] = Deferred()
-        if self._gone:
+        if self.state is CLOSED:
             d.callback(None)
         else:
             self._lost.append(d)
         return d
 
     def close(self) -> None:
-        self._closing = True
+        """Close once what was written is sent (IDLE or COMPLETE)."""
+        self._move(CLOSING)
         self.transport.loseConnection()
 
     def abort(self) -> None:
-        if not self._gone:
-            self._closing = True
-            self.transport.abortConnection()
+        """Drop the connection now (also one that is closing); nothing if already lost."""
+        state = self.state
+        if state is CLOSED:
+            return
+        if state is not CLOSING:
+            self._move(CLOSING)
+        self.transport.abortConnection()
 
     def pause(self) -> None:
         if not self._paused:
@@ -677,6 +765,11 @@ class _Connection(Protocol):
     # Sending.
 
     def send(self, request: _Request) -> None:
+        """Write C{request} (from CONNECTING or IDLE) and wait for its answer."""
+        if self.on_move is None and AWAITING_HEAD in CONNECTION_MOVES[self.state]:
+            self.state = AWAITING_HEAD
+        else:
+            self._move(AWAITING_HEAD)
         request.connection = self
         self._request = request
         self._response = None
@@ -685,9 +778,6 @@ class _Connection(Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._length: Optional[int] = None
         self._chunked = False
-        self._close = False
-        self._headers_done = False
-        self._complete = False
         self._keep_alive = False
         self._pending_body: list[bytes] = []
         body = request.body
@@ -738,31 +828,38 @@ class _Connection(Protocol):
     # Receiving (httptools callbacks, then what follows a feed).
 
     def dataReceived(self, data: bytes) -> None:
-        if self._request is None:
-            self.abort()
+        state = self.state
+        if state is not AWAITING_HEAD and state is not READING_BODY:
+            self.abort()  # bytes that answer no request
             return
         try:
             self._parser.feed_data(data)
         except HttpParserError as e:
-            if not self._complete:
+            if self.state is not COMPLETE:
                 cause = e.__context__ if isinstance(e.__context__, _Unexpected) else e
                 self._broken(Failure(cause))
                 return
             self._keep_alive = False
-        if self._headers_done and self._response is None:
-            request = self._request
-            response = self._make_response()
-            if self._complete:
+        state = self.state
+        if state is COMPLETE:
+            if self._response is None:
                 # The whole answer is here: its user gets a finished response, and the
                 # connection is free again before any of the user's code runs.
+                request: _Request = self._request  # type: ignore[assignment]
+                response = self._make_response()
                 self._finish_message()
+                if not request.deferred.called:
+                    request.deferred.callback(response)
+            else:
+                self._finish_message()
+        elif state is READING_BODY and self._response is None:
+            request = self._request  # type: ignore[assignment]
+            response = self._make_response()
             if not request.deferred.called:
                 request.deferred.callback(response)
-        elif self._complete:
-            self._finish_message()
 
     def on_message_begin(self) -> None:
-        if self._request is None or self._complete:
+        if self.state is not AWAITING_HEAD:
             raise _Unexpected("the backend sent more than one response")
 
     def on_status(self, phrase: bytes) -> None:
@@ -790,10 +887,13 @@ class _Connection(Protocol):
             self._chunked = False
             return
         self._status = status
-        self._headers_done = True
         self._keep_alive = self._parser.should_keep_alive()
-        if self._request.method == b"HEAD":  # type: ignore[union-attr]
-            self._complete = True
+        request: _Request = self._request  # type: ignore[assignment]
+        new = COMPLETE if request.method == b"HEAD" else READING_BODY
+        if self.on_move is None and new in CONNECTION_MOVES[self.state]:
+            self.state = new
+        else:
+            self._move(new)
 
     def on_body(self, data: bytes) -> None:
         if self._response is None:
@@ -802,8 +902,15 @@ class _Connection(Protocol):
             self._response._data(data)
 
     def on_message_complete(self) -> None:
-        if self._headers_done:
-            self._complete = True
+        state = self.state
+        if state is READING_BODY:
+            if self.on_move is None:
+                self.state = COMPLETE
+            else:
+                self._move(COMPLETE)
+        elif state is CLOSING and self._response is not None:
+            # The body's reader stopped it during this read, yet all of it came.
+            self._finish_message()
 
     def _make_response(self) -> BackendResponse:
         request: _Request = self._request  # type: ignore[assignment]
@@ -824,18 +931,26 @@ class _Connection(Protocol):
         return response
 
     def _finish_message(self) -> None:
+        """The message is complete: end the response and reuse or close the connection
+        (COMPLETE), or only end the response (CLOSING: its reader stopped it)."""
         # Annotations rather than cast(): this runs for every response.
         response: BackendResponse = self._response  # type: ignore[assignment]
         request: _Request = self._request  # type: ignore[assignment]
         self._request = None
         self._response = None
         request.connection = None
-        if request.body_pending:
+        if self.state is not COMPLETE:
+            request.stop_body()
+        elif request.body_pending:
             request.stop_body()
             self.close()
         elif self._keep_alive and request.method != b"HEAD":
             if self._paused:
                 self.resume()
+            if self.on_move is None:
+                self.state = IDLE
+            else:
+                self._move(IDLE)
             self._agent._recycle(self)
         else:
             self.close()
@@ -855,8 +970,10 @@ class _Connection(Protocol):
             request.deferred.errback(ResponseFailed([reason]))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._gone = True
-        self._agent._forget(self)
+        old = self.state
+        self._move(CLOSED)
+        if old is IDLE:
+            self._agent._forget(self)
         request, response = self._request, self._response
         self._request = None
         self._response = None
@@ -864,7 +981,7 @@ class _Connection(Protocol):
             request.stop_body()
         if response is not None:
             until_eof = not self._chunked and self._length is None
-            if self._complete:
+            if old is COMPLETE:
                 response._finish()
             elif until_eof and reason.check(ConnectionDone):
                 response._finish(Failure(PotentialDataLoss()))
