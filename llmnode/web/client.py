@@ -408,7 +408,7 @@ class BackendAgent:
         idle.append(connection)
 
     def _forget(self, connection: "_Connection") -> None:
-        """An IDLE connection was lost: out of the pool with it."""
+        """An IDLE connection closes or was lost: out of the pool with it (if there)."""
         idle = self._idle.get(connection.key)
         if idle and connection in idle:
             idle.remove(connection)
@@ -595,7 +595,7 @@ class _Unexpected(Exception):
 
 
 class ConnectionState(str, Enum):
-    """Where a backend connection is in its life; compares equal to its name in lower case.
+    """Where a backend connection is in its life; compares equal to its value ('idle').
 
     A str-Enum, as L{llmnode.lifecycle.State}: its members hash in C, so checking a move
     against L{CONNECTION_MOVES} makes no Python call."""
@@ -652,7 +652,7 @@ class _Connection(Protocol):
     The response is handed out at the end of the read that brought its head (with whatever
     body came along), so READING_BODY and COMPLETE without a response last only until that
     read's end, and COMPLETE never outlives the read that completed the message. A connection
-    the agent pools is IDLE. CLOSING means we asked the transport to close (an abort may
+    the agent pools is IDLE, and leaves the pool as it closes or is lost. CLOSING means we asked the transport to close (an abort may
     follow a graceful close); a body aborted by its reader that still completes within the
     same read is finished there.
 
@@ -740,6 +740,8 @@ class _Connection(Protocol):
 
     def close(self) -> None:
         """Close once what was written is sent (IDLE or COMPLETE)."""
+        if self.state is IDLE:
+            self._agent._forget(self)
         self._move(CLOSING)
         self.transport.loseConnection()
 
@@ -749,6 +751,8 @@ class _Connection(Protocol):
         if state is CLOSED:
             return
         if state is not CLOSING:
+            if state is IDLE:
+                self._agent._forget(self)
             self._move(CLOSING)
         self.transport.abortConnection()
 
