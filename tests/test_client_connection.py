@@ -293,7 +293,7 @@ class IllegalMoveTests(SynchronousTestCase):
         self.moves = []
 
     def connection(self):
-        self.agent.request(b"GET", URL)
+        self.answer = self.agent.request(b"GET", URL)
         connection = self.reactor.tcpClients[-1][2].buildProtocol(None)
         connection.on_move = lambda c, old, new: self.moves.append((old, new))
         return connection
@@ -317,6 +317,7 @@ class IllegalMoveTests(SynchronousTestCase):
         connection = self.connection()
         connection.makeConnection(StringTransport())
         connection.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(self.answer, ResponseNeverReceived)  # its request was sent
         request = self.reactor.tcpClients[-1][2]._request
         self.assertRaises(InvalidTransition, connection.send, request)
         self.assertIs(connection.state, CLOSED)

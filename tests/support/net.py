@@ -16,11 +16,21 @@ from twisted.web.server import Site
 from llmnode.web.server import NodeSite
 
 
+#: The ports L{free_port} handed out in this process.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking), and that this
+    process was not given before: two calls before anything listens get two ports (the kernel
+    may offer a port it just offered again)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class TrackedSite(Site):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 
@@ -15,15 +14,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 import llmnode
 from llmnode.config import load_config
 from llmnode.service import NodeService
+from tests.support.net import free_port  # noqa: F401 (the tests import it from here too)
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(llmnode.__file__))
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def demo_model(port: int, mode: str = "Chat", flags: str = "", memory_mb: int = 64,
