@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Mapping, Optional, TypeVar, cast
 
-from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -27,7 +26,7 @@ from llmnode.logs import LogBuffer
 from llmnode.node import Node, backend_environment
 from llmnode.placement import Placement, free_mb
 from llmnode.sweeper import Sweeper
-from llmnode.web.client import BackendAgent, make_client
+from llmnode.web.client import BackendAgent, BackendClient, make_client
 from llmnode.web.auth import warn_if_open
 from llmnode.web.body import max_body_bytes
 from llmnode.web.server import NodeSite
@@ -46,7 +45,7 @@ T = TypeVar("T")
 
 
 def make_http_client(reactor: Reactor, connect_burst: Optional[int] = None
-                     ) -> tuple[HTTPClient, BackendAgent]:
+                     ) -> tuple[BackendClient, BackendAgent]:
     """The node's one HTTP client: treq over a lean keep-alive agent for local backends (see
     L{llmnode.web.client}), no redirects, a cookie jar that keeps nothing (a backend's cookies
     must never reach another user's request). Close it with the agent's

@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
 from llmnode.config import Program
+from llmnode.web.backend_http import TreqBackends, read_answer
 from llmnode.web.client import BackendAgent, backend_url, make_client
 from llmnode.web.proxy import mount
 from tests.support.fake_node import FakeNode, FakeRuntime, model
@@ -234,16 +235,16 @@ class BodyFramingTests(AgentCase):
 
     async def test_headers_as_pairs_on_both_paths(self):
         """Pairs reach the backend in their order, whether the request goes straight to the
-        agent (the node's own client) or through treq's agents (a client with a cookie jar)."""
+        agent (the node's own client) or through treq's agents (any treq client, adapted)."""
         factory, url = self.serve(lambda c, r: c.transport.write(ok(b"{}")))
         node_http, node_agent = make_client(reactor)
         self.addCleanup(node_agent.closeCachedConnections)
         pairs = [(b"X-B", b"1"), (b"X-A", b"2"), (b"X-B", b"3")]
-        for http in (node_http, self.http):
-            response = await http.request("POST", backend_url("127.0.0.1", int(
-                url.rsplit(":", 1)[1]), b"/v1/x"), headers=pairs, data=b"{}",
-                allow_redirects=False, unbuffered=True)
-            self.assertEqual(await treq_content(response), b"{}")
+        target = backend_url("127.0.0.1", int(url.rsplit(":", 1)[1]), b"/v1/x")
+        for backends in (node_http, TreqBackends(self.http)):
+            answer = await backends.send(b"POST", target, pairs, b"{}")
+            self.assertEqual(answer.code, 200)
+            self.assertEqual(await read_answer(answer), b"{}")
         sent = [[pair for pair in received if pair[0].startswith(b"X-")]
                 for received in factory.header_pairs]
         self.assertEqual(sent[0], pairs)

@@ -78,6 +78,12 @@ class CorsTests(SynchronousTestCase):
         self.assertEqual(self.cors_headers(response), {})
 
     def test_the_nodes_headers_replace_a_backends(self):
+        self.check_the_nodes_headers_replace_a_backends(twisted_web=False)
+
+    def test_the_nodes_headers_replace_a_backends_on_twisted_web(self):
+        self.check_the_nodes_headers_replace_a_backends(twisted_web=True)
+
+    def check_the_nodes_headers_replace_a_backends(self, twisted_web):
         def script(exchange):
             request = exchange.request
             request.setHeader(b"Access-Control-Allow-Origin", b"*")
@@ -89,7 +95,8 @@ class CorsTests(SynchronousTestCase):
         net = MemoryNet()
         backend_port = net.listenTCP(0, Site(ScriptedBackend(script), reactor=net)).getHost().port
         runtime = FakeRuntime(model("m"), lambda: ("127.0.0.1", backend_port))
-        self.server = MemoryProxy(self, [runtime], root=CorsRoot(cors=Cors([APP])), net=net)
+        self.server = MemoryProxy(self, [runtime], root=CorsRoot(cors=Cors([APP])), net=net,
+                                  twisted_web=twisted_web)
         response, _ = self.call("POST", CHAT, {"Origin": [APP]}, BODY)
         self.assertEqual(response.code, 200)
         self.assertEqual(self.cors_headers(response), {

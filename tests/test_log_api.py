@@ -10,7 +10,6 @@ import tempfile
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.test.requesthelper import DummyRequest
 
 from llmnode.config import Program
 from llmnode.launcher import ModelLog
@@ -22,6 +21,7 @@ from tests.support.memory import MemoryNet, memory_model, start_memory_node
 from tests.support.net import (RawClient, http_client, http_request, parse_response,
                                raw_connect)
 from tests.support.nodes import base_url, demo_model, free_port, start_node
+from tests.support.requests import MemoryRequest
 
 
 def temporary_folder(testcase) -> str:
@@ -155,7 +155,7 @@ class LogResourceTests(SynchronousTestCase):
 
     def test_a_slow_follower_holds_a_bounded_number_of_lines(self):
         source = FakeSource()
-        request = DummyRequest([b""])
+        request = MemoryRequest([b""])
         request.registerProducer = lambda producer, streaming: None  # (it pulls forever)
         stream = LogStream(request, source)
         stream.start(0)

@@ -106,7 +106,7 @@ class Upload(Resource):
         self.seen: list = []
 
     def render_POST(self, request):
-        self.seen.append((request.body_too_large, request.raw_body, request.content.read()))
+        self.seen.append((request.raw_body, request.content.read()))
         try:
             body = read_body(request, self.limit)
         except NodeError as e:
@@ -352,7 +352,7 @@ class ChannelTests(SynchronousTestCase):
         request = http_request("POST", "/up", body, chunked=True)
         for i in range(0, len(request), 1000):
             channel.dataReceived(request[i:i + 1000])
-        self.assertEqual(resource.seen, [(False, body, body)])
+        self.assertEqual(resource.seen, [(body, body)])
         status, _, answer_body = split_response(transport.value())
         self.assertEqual((status, json.loads(answer_body)), (200, {"bytes": len(body)}))
 
@@ -437,7 +437,7 @@ class ChannelTests(SynchronousTestCase):
                                           headers={"Authorization": "Bearer k"}))
         channel.dataReceived(http_request("POST", "/up", b""))
         self.assertEqual([status for status, _, _ in responses(transport.value())], [200, 200])
-        self.assertEqual([seen[1] for seen in resource.seen], [b"abc", b""])
+        self.assertEqual([seen[0] for seen in resource.seen], [b"abc", b""])
 
     # -- errors -------------------------------------------------------------------------------
 
@@ -661,7 +661,7 @@ class SocketTests(TestCase):
         await client.when_received(CONTINUE)
         client.transport.write(body)
         await client.when_received(b'{"bytes": 5}')
-        self.assertEqual(resource.seen, [(False, b"hello", b"hello")])
+        self.assertEqual(resource.seen, [(b"hello", b"hello")])
 
     async def test_a_body_over_the_limit_gets_413_before_the_client_sent_it(self):
         resource = Upload(limit=4096)

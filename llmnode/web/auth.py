@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import ipaddress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Optional, cast
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from twisted.web.resource import Resource
 
@@ -105,7 +105,7 @@ class Guard:
 
         An accepted C{Authorization} header is removed: the node's key is not the backend's.
         """
-        keys = self.keys_for(segment, cast("list[bytes]", request.postpath))
+        keys = self.keys_for(segment, request.postpath)
         if keys is None:
             return None
         token = bearer_token(request)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import json.scanner
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from llmnode.errors import BadRequest, BodyTooLarge
 
@@ -19,30 +18,15 @@ def max_body_bytes(max_body_mb: float) -> int:
 
 
 def read_body(request: WebRequest, limit: int) -> bytes:
-    """The request body, or L{BodyTooLarge} when it (or its C{Content-Length}) exceeds C{limit}.
+    """The request body, or L{BodyTooLarge} when it exceeds C{limit} bytes.
 
-    Works with any Request; the node's own (L{llmnode.web.server.NodeRequest}) never stored
-    an excess.
+    The node's own server never hands on a body over its limit (it answers 413 itself);
+    twisted.web's has read all of it first.
     """
-    if getattr(request, "body_too_large", False):
+    raw = request.raw_body
+    if len(raw) > limit:
         raise body_too_large(limit)
-    raw: Optional[bytes] = getattr(request, "raw_body", None)
-    if raw is not None:
-        if len(raw) > limit:
-            raise body_too_large(limit)
-        return raw
-    declared = request.getHeader(b"Content-Length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise body_too_large(limit)
-    content = getattr(request, "content", None)
-    if content is None:
-        return b""
-    content.seek(0, io.SEEK_END)
-    if content.tell() > limit:
-        raise body_too_large(limit)
-    content.seek(0)
-    body: bytes = content.read()
-    return body
+    return raw
 
 
 def body_too_large(limit: int) -> BodyTooLarge:

@@ -50,6 +50,8 @@ from llmnode.web.sockets import SocketWriter
 if TYPE_CHECKING:
     import urllib.request
 
+    from llmnode.web.backend_http import BackendAnswer
+
     from llmnode.web.sockets import ITCPConnection
 
 _log = Logger()
@@ -117,58 +119,32 @@ class NoCookies(CookieJar):
 
 
 class BackendClient(HTTPClient):
-    """C{treq.HTTPClient} with a direct path for proxied requests.
+    """C{treq.HTTPClient} over a L{BackendAgent}, and the proxy's L{BackendHTTP}.
 
-    treq wraps every request in a cookie agent, a redirect agent and a gzip-decoding agent
-    (which also adds C{Accept-Encoding: gzip} to what the backend receives), about 20 µs of CPU
-    a request and all of it wrong for a proxy: a proxy relays the backend's bytes and
-    redirects as they are and keeps no cookies. A request made with C{allow_redirects=False}
-    and C{unbuffered=True} to a L{BackendURL}, with a cookie jar that keeps nothing
-    (L{NoCookies}, also for the client), bytes or no data, and no treq extras (C{params},
-    C{files}, C{json}, C{auth}, C{timeout}), goes straight to the agent (a body producer
-    too: an upload streamed as it arrives), and its answer is the
-    agent's C{IResponse} itself (read it with C{treq.content}, C{treq.collect} or
-    C{deliverBody}; treq's wrapper would add only its convenience methods, at a cost on every
-    attribute read). Every other request is treq's own.
-
-    Besides treq's forms, C{headers} may be a list of C{(name, value)} byte pairs, in the
-    order they are to be sent (what a proxy has at hand; no C{Headers} object is made).
+    treq's own methods (C{get}, C{request}, ...) work as usual (the health probes use them).
+    The proxy's requests go through L{send}, straight to the agent: treq would wrap each in a
+    cookie agent, a redirect agent and a gzip-decoding agent (which also adds
+    C{Accept-Encoding: gzip} to what the backend receives), about 20 µs of CPU a request and
+    all of it wrong for a proxy, which relays the backend's bytes and redirects as they are
+    and keeps no cookies.
     """
 
-    def request(self, method: str, url: Any, *,
-                headers: Any = None, data: Any = None, cookies: Any = None,
-                allow_redirects: bool = True, unbuffered: bool = False,
-                **extras: Any) -> Deferred[Any]:
-        if (type(url) is not BackendURL or allow_redirects or not unbuffered or extras
-                or not (data is None or type(data) is bytes or IBodyProducer.providedBy(data))
-                or not (headers is None or type(headers) is list or type(headers) is Headers)
-                or not (cookies is None or isinstance(cookies, NoCookies))
-                or not isinstance(self._cookiejar, NoCookies)):
-            if type(headers) is list:
-                headers = headers_of(headers)
-            return super().request(method, url, headers=headers, data=data, cookies=cookies,
-                                   allow_redirects=allow_redirects, unbuffered=unbuffered,
-                                   **extras)
-        verb = _VERBS.get(method)
-        if verb is None:
-            verb = method.encode("ascii").upper()
-        if type(data) is bytes:
-            data = BytesBody(data) if data else None
-        # The agent is a BackendAgent here, which takes header pairs.
-        return self._agent.request(verb, url.as_bytes(),
-                                   [] if headers is None else headers,  # type: ignore[arg-type]
-                                   data)
-
-
-#: treq's method names as the agent takes them.
-_VERBS = {name: name.upper().encode("ascii")
-          for name in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS",
-                       "get", "post", "put", "patch", "delete", "head", "options")}
+    def send(self, method: bytes, url: BackendURL, headers: list[tuple[bytes, bytes]],
+             body: bytes | IBodyProducer) -> Deferred[BackendAnswer]:
+        """L{BackendHTTP.send}: the answer is the agent's L{BackendResponse}."""
+        producer: Optional[IBodyProducer]
+        if isinstance(body, bytes):
+            producer = BytesBody(body) if body else None
+        else:
+            producer = body
+        agent = cast(BackendAgent, self._agent)
+        answer = agent.request(method, url.as_bytes(), headers, producer)
+        return cast("Deferred[BackendAnswer]", answer)
 
 
 def make_client(reactor: IReactorTCP, *, cookiejar: Optional[CookieJar] = None,
                 connect_timeout: float = 10.0,
-                connect_burst: Optional[int] = None) -> tuple[HTTPClient, "BackendAgent"]:
+                connect_burst: Optional[int] = None) -> tuple[BackendClient, "BackendAgent"]:
     """A L{BackendClient} (C{treq.HTTPClient}) over a L{BackendAgent}, and the agent (close it
     on shutdown with C{closeCachedConnections}). Without C{cookiejar}, cookies are neither kept
     nor sent (L{NoCookies})."""

@@ -9,13 +9,12 @@ browsers send preflights without credentials. Without C{cors_origins} nothing he
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from twisted.web.resource import Resource
 
 from llmnode.errors import NodeError
 from llmnode.web.responses import render_error
-from llmnode.web.server import NodeRequest, ResponseHeaders
 
 if TYPE_CHECKING:
     from llmnode.web.request import WebRequest
@@ -65,32 +64,14 @@ class Cors:
             headers[b"Access-Control-Max-Age"] = MAX_AGE
             if asked:
                 headers[b"Access-Control-Allow-Headers"] = asked
-        if type(request) is NodeRequest:
-            request.responseHeaders = _CorsHeaders()
         for name, value in headers.items():
             request.setHeader(name, value)
+        request.guard_response_headers(_is_cors)  # a relayed backend answer keeps them
         return _Preflight() if preflight else None
 
 
-class _CorsHeaders(ResponseHeaders):
-    """Response headers that keep the node's CORS headers: a backend's (relayed with
-    C{addRawHeader}/C{setRawHeaders}) are dropped."""
-
-    __slots__ = ()
-
-    def setRawHeaders(self, name: bytes | str, values: Sequence[bytes | str]) -> None:
-        if not _is_cors(name):
-            super().setRawHeaders(name, values)
-
-    def addRawHeader(self, name: bytes | str, value: bytes | str) -> None:
-        if not _is_cors(name):
-            super().addRawHeader(name, value)
-
-
-def _is_cors(name: bytes | str) -> bool:
-    if isinstance(name, str):
-        name = name.encode("latin-1")
-    return name[:15].lower() == _PREFIX
+def _is_cors(lower_name: bytes) -> bool:
+    return lower_name[:15] == _PREFIX
 
 
 class _Preflight(Resource):

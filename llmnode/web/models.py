@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.web.resource import Resource
 
@@ -51,7 +51,7 @@ class ModelsResource(Resource):
     def render(self, request: WebRequest) -> bytes:
         if request.method not in (b"GET", b"HEAD"):
             return method_not_allowed(request, _ALLOWED)
-        name = _name(cast("list[bytes]", request.postpath))
+        name = _name(request.postpath)
         if name is None:
             return render_json(request, 200, {
                 "object": "list", "data": model_entries(self._node, self._created)})

@@ -6,15 +6,22 @@ answer back through L{StreamRelay}.
 
 Mounting (see L{mount})::
 
-    v1 = V1Resource(node, http, clock, program)
+    v1 = V1Resource(node, backends, clock, program)
     root.putChild(b"v1", v1)
     root.putChild(b"rerank", v1.rerank)
     NodeSite(root, max_body_bytes=max_body_bytes(program.max_body_mb))
     ...
     v1.close()  # when the node stops: the backend header timeout's timer ends
 
-Any twisted.web Site serves it too; the limit still holds there (413), but twisted.web will
-have buffered the whole oversized body before the proxy sees it.
+twisted.web's own server serves it too (L{llmnode.web.request.TwistedSite}); the limit still
+holds there (413), but twisted.web will have buffered the whole oversized body before the proxy
+sees it. Any C{treq.HTTPClient} can stand for the node's client
+(L{llmnode.web.backend_http.TreqBackends}).
+
+A request's way, from C{/v1/...} to the backend and back: L{ProxyEndpoint.render} ->
+L{Forwarder.handle} (route by the body's C{model}) -> L{Forwarder.forward} -> L{Exchange}
+(wait for the scheduler, send through L{BackendHTTP}) -> L{StreamRelay} (the answer, as it
+arrives).
 """
 
 from __future__ import annotations
@@ -22,15 +29,14 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, cast
 
-from treq import content as treq_content
-from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.error import ConnectionRefusedError as BackendRefused
+from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import (IDelayedCall, IPushProducer, IReactorFromThreads,
-                                         IReactorTime)
+                                         IReactorTime, ITransport)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -38,23 +44,22 @@ from llmnode.config import ENDPOINTS
 from llmnode.lifecycle import RUNNING
 from llmnode.node import ModelRuntime, Ticket
 from llmnode.errors import BadGateway, BadRequest, GatewayTimeout, ModelNotFound, NodeError
-from llmnode.web.client import BackendClient, NoCookies, backend_url
+from llmnode.web.client import backend_url
 from llmnode.web.body import max_body_bytes, parse_json_object, read_body
-from llmnode.web.headers import headers_of
 from llmnode.web.responses import ErrorResource, method_not_allowed, PendingResponse, render_error
 from llmnode.web.routing import full_routing, quick_routing, read_large_body, Routing, with_model
 from llmnode.web.models import ModelsResource
 from llmnode.web.multipart import boundary_of, form_fields, form_text, leading_fields
 from llmnode.web.relay import StreamRelay, forwarded_headers
 from llmnode.web.upload import HOLD_LIMIT, BodyStream
-from llmnode.web.server import JOIN_ABOVE, NodeRequest
+from llmnode.web.backend_http import read_answer
+from llmnode.web.server import JOIN_ABOVE
 
 if TYPE_CHECKING:
-    from treq.client import HTTPClient
-    from twisted.web.iweb import IResponse
 
     from llmnode.config import Model, Program
     from llmnode.node import Node
+    from llmnode.web.backend_http import BackendAnswer, BackendHTTP
     from llmnode.web.multipart import Fields
     from llmnode.web.request import WebRequest
 
@@ -69,9 +74,6 @@ _REQUEST_DROP = frozenset({b"host", b"content-length", b"expect"})
 #: What routing a request gives: its runtime, the body to send and whether it streams.
 Routed = tuple[ModelRuntime, Any, bool]
 
-#: treq's per-request cookies, always none: treq would otherwise build an empty jar per
-#: request. treq only reads it.
-_NO_COOKIES = NoCookies()
 
 
 
@@ -89,15 +91,15 @@ class V1Resource(_Branch):
     """C{/v1}: the proxied endpoints and the model listing.
 
     @param node: resolves names to runtimes (C{lookup}, C{runtimes}).
-    @param http: the node's C{treq.HTTPClient} (persistent pool).
+    @param backends: how requests reach the backends (the node's L{BackendClient}, pooled).
     @param clock: C{callLater}/C{seconds} provider.
     @param program: the L{llmnode.config.Program} settings (body limit, timeouts).
     """
 
-    def __init__(self, node: Node, http: HTTPClient, clock: IReactorTime,
+    def __init__(self, node: Node, backends: BackendHTTP, clock: IReactorTime,
                  program: Program) -> None:
         super().__init__()
-        forwarder = Forwarder(node, http, clock, program)
+        forwarder = Forwarder(node, backends, clock, program)
         self.chat = ProxyEndpoint(forwarder, "chat")
         self.completions = ProxyEndpoint(forwarder, "completions")
         self.embeddings = ProxyEndpoint(forwarder, "embeddings")
@@ -143,11 +145,11 @@ def _branch(children: dict[bytes, Resource]) -> _Branch:
     return branch
 
 
-def mount(root: Resource, node: Node, http: HTTPClient, clock: IReactorTime,
+def mount(root: Resource, node: Node, backends: BackendHTTP, clock: IReactorTime,
           program: Program) -> V1Resource:
     """Put the proxy at C{/v1}, its rerank endpoint at C{/rerank} and llama.cpp's native
     routes (C{/completion}, C{/infill}, C{/tokenize}, C{/detokenize}) under C{root}."""
-    v1 = V1Resource(node, http, clock, program)
+    v1 = V1Resource(node, backends, clock, program)
     root.putChild(b"v1", v1)
     root.putChild(b"rerank", v1.rerank)
     for name, endpoint in v1.native.items():
@@ -169,8 +171,8 @@ class ProxyEndpoint(Resource):
         super().__init__()
         self._forwarder = forwarder
         self._endpoint = endpoint
-        self._route = forwarder.route_form if form else forwarder.route
-        #: A large upload reaches it as it arrives (L{Forwarder.route_form}).
+        self._form = form
+        #: A large upload reaches it as it arrives (L{Forwarder.handle}).
         self.streams_uploads = form
 
     def putChild(self, path: bytes, child: IResource) -> None:
@@ -188,46 +190,22 @@ class ProxyEndpoint(Resource):
         if request.method != b"POST":
             return method_not_allowed(request, ("POST",))
         try:
-            routed = self._route(request, self._endpoint)
+            self._forwarder.handle(request, self._endpoint, self._form)
         except NodeError as e:
             return render_error(request, e)
         except Exception:
             log.failure("routing a {endpoint} request failed", endpoint=self._endpoint)
             return render_error(request, NodeError("internal error in the proxy"))
-        # type(), not isinstance(): Deferred is an ABC subclass, and ABCMeta's instance check
-        # is one of the dearest calls on this path.
-        if type(routed) is tuple:
-            self._forwarder.forward(request, *routed, self._endpoint)
-        else:
-            self._forward_when_routed(request, routed)  # type: ignore[arg-type]
         return NOT_DONE_YET
-
-    def _forward_when_routed(self, request: WebRequest, routed: Deferred[Routed]) -> None:
-        """Forward once a worker thread has read the body's routing members (unless the
-        client left meanwhile); answer the error if they are wrong."""
-        pending = PendingResponse(request)
-
-        def forward(result: Routed) -> None:
-            if pending.open:
-                self._forwarder.forward(request, *result, self._endpoint)
-
-        def failed(failure: Failure) -> None:
-            if not failure.check(NodeError):
-                log.failure("routing a {endpoint} request failed", failure,
-                            endpoint=self._endpoint)
-                failure = Failure(NodeError("internal error in the proxy"))
-            pending.send_error(cast(NodeError, failure.value))
-
-        routed.addCallbacks(forward, failed)
 
 
 class Forwarder:
     """Resolves and forwards proxied requests; shared by the endpoints."""
 
-    def __init__(self, node: Node, http: HTTPClient, clock: IReactorTime,
+    def __init__(self, node: Node, backends: BackendHTTP, clock: IReactorTime,
                  program: Program) -> None:
         self._node = node
-        self._http = http
+        self._backends = backends
         self._clock = clock
         self._program = program
         self._limit = max_body_bytes(program.max_body_mb)
@@ -241,36 +219,59 @@ class Forwarder:
     def close(self) -> None:
         self._watch.stop()
 
-    def route(self, request: WebRequest, endpoint: str) -> Routed | Deferred[Routed]:
-        """The runtime, the body to send and whether the client asked for a stream, or a
-        L{NodeError}; a Deferred of them when the body is read in a worker thread: a large
-        body (the server's L{NodeRequest.body_parts}), or one whose routing members
-        L{quick_routing} cannot find cheaply. Either way the reactor does no work that grows
-        with the body's size: it goes on answering other requests meanwhile."""
+    def handle(self, request: WebRequest, endpoint: str, form: bool = False) -> None:
+        """Route C{request} by the model its body names and forward it: the one way in from
+        an endpoint to a backend.
+
+        The body is a JSON object, or with C{form} a C{multipart/form-data} upload naming the
+        model in a form field. Whatever grows with the body's size (joining a large body,
+        scanning one whose routing members L{quick_routing} cannot find cheaply, editing a
+        large one) runs in a worker thread, and forwarding goes on from there; the reactor
+        answers other requests meanwhile. A L{NodeError} raised here is the client's answer;
+        one found later is sent by L{_later}.
+        """
         if not request.uri.isascii():
             raise BadRequest("the request target must be ASCII (percent-encode it)")
-        if type(request) is NodeRequest:
-            parts = request.body_parts
-            if parts is not None:
-                reading = self._in_thread(read_large_body, parts)
-                return reading.addCallback(self._joined, request, endpoint)
-            raw = request.raw_body  # read_body's answer, without its questions
-            if len(raw) > self._limit:
-                raw = read_body(request, self._limit)
-        else:
-            raw = read_body(request, self._limit)
+        if form:
+            self._handle_form(request, endpoint)
+            return
+        parts = request.body_parts
+        if parts is not None:
+            reading = self._in_thread(read_large_body, parts)
+            self._later(request, reading, self._joined, request, endpoint)
+            return
+        raw = read_body(request, self._limit)
         routing = quick_routing(raw)
         if routing is None:
-            scanning = self._in_thread(full_routing, raw)
-            return scanning.addCallback(lambda routing: self._routed(raw, routing, endpoint))
-        return self._routed(raw, routing, endpoint)
+            self._later(request, self._in_thread(full_routing, raw), self._routed, request, raw,
+                        endpoint)
+            return
+        self._routed(routing, request, raw, endpoint)
 
-    def _joined(self, read: tuple[bytes, Routing], request: NodeRequest,
-                endpoint: str) -> Routed | Deferred[Routed]:
+    def _later(self, request: WebRequest, work: Deferred[T],
+               then: Callable[..., None], *args: Any) -> None:
+        """Go on with C{then(result, *args)} once C{work} (in a worker thread) is done, unless
+        the client left meanwhile; answer the error if it or C{then} fails."""
+        pending = PendingResponse(request)
+
+        def go_on(result: T) -> None:
+            if pending.open:
+                then(result, *args)
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(NodeError):
+                log.failure("routing a {path} request failed", failure,
+                            path=request.path.decode("ascii", "replace")[:200])
+                failure = Failure(NodeError("internal error in the proxy"))
+            pending.send_error(cast(NodeError, failure.value))
+
+        work.addCallback(go_on).addErrback(failed)
+
+    def _joined(self, read: tuple[bytes, Routing], request: WebRequest, endpoint: str) -> None:
         """A large body was joined and read in a worker thread: route it."""
         raw, routing = read
         request.body_joined(raw)
-        return self._routed(raw, routing, endpoint)
+        self._routed(routing, request, raw, endpoint)
 
     def _in_thread(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run C{function} in the reactor's thread pool (inline under a test's Clock)."""
@@ -280,8 +281,9 @@ class Forwarder:
         return deferToThreadPool(cast("IReactorFromThreads", self._clock), pool(), function,
                                  *args)
 
-    def _routed(self, raw: bytes, routing: Routing, endpoint: str) -> Routed | Deferred[Routed]:
-        """C{route}'s answer once the body's routing members are known."""
+    def _routed(self, routing: Routing, request: WebRequest, raw: bytes,
+                endpoint: str) -> None:
+        """The body's routing members are known: edit the body as the model asks, forward."""
         fields = routing.members
         name = fields.get("model")
         if "model" not in fields:
@@ -293,27 +295,36 @@ class Forwarder:
         streaming = fields.get("stream") is True
         if model.edits_body:
             if len(raw) > JOIN_ABOVE:
-                editing = self._in_thread(_edited, raw, routing, model)
-                return editing.addCallback(lambda raw: (runtime, raw, streaming))
+                self._later(request, self._in_thread(_edited, raw, routing, model),
+                            self._edited, request, runtime, streaming, endpoint)
+                return
             raw = _edited(raw, routing, model)
-        return runtime, raw, streaming
+        self.forward(request, runtime, raw, streaming, endpoint)
 
-    def route_form(self, request: WebRequest, endpoint: str) -> Routed | Deferred[Routed]:
-        """L{route} for a C{multipart/form-data} body: the model is its C{model} field.
+    def _edited(self, raw: bytes, request: WebRequest, runtime: ModelRuntime, streaming: bool,
+                endpoint: str) -> None:
+        self.forward(request, runtime, raw, streaming, endpoint)
+
+    def _handle_form(self, request: WebRequest, endpoint: str) -> None:
+        """L{handle} for a C{multipart/form-data} body: the model is its C{model} field.
 
         Parameter filters do not apply to forms; C{upstream_model} does.
         """
-        if not request.uri.isascii():
-            raise BadRequest("the request target must be ASCII (percent-encode it)")
         boundary = boundary_of(request.getHeader(b"Content-Type"))
-        body = getattr(request, "body_stream", None)
+        body = request.body_stream
         if body is not None:
-            return self._route_streamed(body, boundary, endpoint)
+            self._later(request, self._route_streamed(body, boundary, endpoint),
+                        self._form_routed, request, endpoint)
+            return
         raw = read_body(request, self._limit)
-        return self._form_routed(raw, form_fields(raw, boundary, _FORM_ROUTING), endpoint)
+        routed = self._route_form(raw, form_fields(raw, boundary, _FORM_ROUTING), endpoint)
+        self._form_routed(routed, request, endpoint)
 
-    def _form_routed(self, raw: bytes, fields: Fields, endpoint: str) -> Routed:
-        """C{route_form}'s answer once the form's routing fields are known."""
+    def _form_routed(self, routed: Routed, request: WebRequest, endpoint: str) -> None:
+        self.forward(request, *routed, endpoint)
+
+    def _route_form(self, raw: bytes, fields: Fields, endpoint: str) -> Routed:
+        """The runtime, body and streaming of a form whose routing fields are known."""
         if b"model" not in fields:
             raise BadRequest("missing required form field 'model'", param="model")
         runtime = self.runtime_for(form_text(raw, fields[b"model"]), endpoint)
@@ -348,7 +359,7 @@ class Forwarder:
                               if len(held) <= _SCAN_HELD_UP_TO else {})
                     if b"model" not in fields:
                         return
-                runtime, edited, streaming = self._form_routed(held, fields, endpoint)
+                runtime, edited, streaming = self._route_form(held, fields, endpoint)
             except Exception:
                 body.watch(None)
                 routed.errback()
@@ -391,7 +402,7 @@ class Forwarder:
         @param target: the path (and query) to request from the backend; default the
             client's.
         """
-        Exchange(request, runtime, body, self._http, self._clock, self._program, self._watch,
+        Exchange(request, runtime, body, self._backends, self._clock, self._program, self._watch,
                  endpoint, streaming, target).start()
 
 
@@ -403,7 +414,7 @@ def _edited(raw: bytes, routing: Routing, model: Model) -> bytes:
     return json.dumps(model.edit_body(parse_json_object(raw))).encode("utf-8")
 
 
-#: The form fields L{Forwarder.route_form} reads.
+#: The form fields L{Forwarder._route_form} reads.
 _FORM_ROUTING = frozenset({b"model", b"stream"})
 
 #: The beginning of a streamed upload is searched for its routing fields while it is at most
@@ -412,27 +423,35 @@ _SCAN_HELD_UP_TO = 1024 * 1024
 
 
 class Exchange:
-    """One proxied request: wait for the scheduler to let it through, send it, relay the answer.
+    """One proxied request, along one path from the client to the backend and back::
+
+        start ──(running, with room)──────────────► _send ─► _answered ─► _deliver (relay)
+          └──(else)──► _wait (queued) ─► _let_through ─┘  ▲     │
+                         ▲                                 │     └─(refused)─► _after_refused
+                         └───────────── _requeue ◄─────────┴─────────────────────┘
 
     A request for a model that is running with room goes at once (L{ModelRuntime.try_admit});
-    any other waits in its model's queue for a L{Ticket} to fire. Either way the runtime hears
-    exactly once how it ended: L{ModelRuntime.request_finished} if it was let through,
-    L{ModelRuntime.request_abandoned} if not.
+    any other waits in its model's queue for a L{Ticket} to fire. A backend that refuses the
+    connection died a moment ago: once the node notices, the request waits its turn again,
+    once. Either way the runtime hears exactly once how it ended:
+    L{ModelRuntime.request_finished} if it was let through, L{ModelRuntime.request_abandoned}
+    if not. A client that leaves cancels the step under way (L{_work}).
     """
 
     def __init__(self, request: WebRequest, runtime: ModelRuntime, body: bytes | BodyStream,
-                 http: HTTPClient, clock: IReactorTime, program: Program,
+                 backends: BackendHTTP, clock: IReactorTime, program: Program,
                  watch: "HeaderWatch", endpoint: Optional[str] = None, streaming: bool = False,
                  target: Optional[bytes] = None) -> None:
         self._watch = watch
         self._target = target
         self._runtime = runtime
         self._body = body
-        self._http = http
+        self._backends = backends
         self._clock = clock
         self._program = program
         self._headers_late = False
         self._sending = False
+        self._refused = False
         self._work: Optional[Deferred[Any]] = None
         self._admitted = False
         self._ticket: Optional[Ticket] = None
@@ -444,26 +463,110 @@ class Exchange:
     def start(self) -> None:
         runtime = self._runtime
         if runtime.try_admit():
-            # The common case, without a coroutine: the model is up and has a free slot.
+            # The common case: the model is up and has a free slot.
             self._admitted = True
-            sending = self._work = self._request(*runtime.address)
-            sending.addBoth(self._answered, sending)
+            self._send(*runtime.address)
         else:
-            self._work = Deferred.fromCoroutine(self._run())
-            self._work.addErrback(self._crashed)
+            self._wait(runtime.enqueue())
 
-    def _answered(self, result: IResponse | Failure, sending: Deferred[IResponse]) -> None:
-        """The backend's response (or why there is none) to a request sent at once."""
+    def _wait(self, ticket: Ticket) -> None:
+        """Wait until the scheduler lets the request through; streaming clients hear what it
+        waits for meanwhile."""
+        self._ticket = ticket
+        ready = self._work = ticket.ready
+        if self.streaming and not ready.called and self._loading is None:
+            runtime = self._runtime
+            self._loading = LoadingComments(self._pending, self._clock, runtime.model.id,
+                                            runtime.wait_reason)
+        ready.addCallbacks(self._let_through, self._fail,
+                           callbackArgs=(ticket,)).addErrback(self._crashed)
+
+    def _let_through(self, address: tuple[str, int], ticket: Ticket) -> None:
+        self._admitted = ticket.forwarded
+        self._ticket = None
+        self._send(*address)
+
+    def _send(self, host: str, port: int) -> None:
+        """Send the request; L{_answered} hears the backend's answer once its headers arrived
+        (within C{backend_header_timeout}), or why there is none."""
+        self._sending = True
+        request = self._pending.request
+        target = self._target
+        if target is None:
+            target = request.uri if request.uri.startswith(b"/") else request.path
+        sending = self._work = self._backends.send(
+            request.method, backend_url(host, port, target),
+            forwarded_headers(request, _REQUEST_DROP), self._body)
+        if not sending.called:
+            self._watch.watch(sending, self._too_late)
+        sending.addBoth(self._answered, sending)
+
+    def _too_late(self, sending: Deferred[BackendAnswer]) -> None:
+        self._headers_late = True
+        sending.cancel()
+
+    def _answered(self, result: BackendAnswer | Failure,
+                  sending: Deferred[BackendAnswer]) -> None:
         self._watch.unwatch(None, sending)
         try:
             if not isinstance(result, Failure):
                 self._deliver(result)
-                return
-            retrying = self._send_failed(result)
-            if retrying is not None:
-                retrying.addErrback(self._crashed)
+            elif result.check(BackendRefused) and not self._refused:
+                self._refused = True
+                self._after_refused()
+            else:
+                self._fail(result)
         except Exception:
             self._crashed(Failure())
+
+    def _after_refused(self) -> None:
+        """The backend refused the connection: it died a moment ago and the node has not
+        seen its exit yet. Nothing of this request reached it: once the crash is noticed,
+        wait for the restarted backend and try again."""
+        noticed = self._work = self._backend_noticed_gone()
+        noticed.addCallbacks(self._requeue, self._fail).addErrback(self._crashed)
+
+    def _requeue(self, noticed: bool) -> None:
+        if not noticed:
+            self._fail(Failure(BackendRefused()))
+            return
+        self._admitted = False
+        self._wait(self._runtime.requeue())
+
+    def _backend_noticed_gone(self, patience: float = 1.0) -> Deferred[bool]:
+        """Fires with whether the model left the running state within C{patience} seconds."""
+        lifecycle = self._runtime.lifecycle
+        if lifecycle.state != RUNNING:
+            return succeed(True)
+
+        def in_time(failure: Failure) -> bool:
+            failure.trap(TimeoutError)
+            return False
+
+        moved = lifecycle.changed()
+        moved.addTimeout(patience, self._clock)
+        return moved.addCallbacks(lambda _: True, in_time)
+
+    def _deliver(self, response: BackendAnswer) -> None:
+        if not self._pending.open:
+            response.deliverBody(_Discard())
+            return
+        headers_sent = self._loading is not None and self._loading.stop()
+        if headers_sent and response.code != 200:
+            cast(LoadingComments, self._loading).relay_error(response)
+            return
+        StreamRelay(self._pending, self._clock, self._program.stream_idle_timeout).start(
+            response, headers_sent=headers_sent)
+
+    def _fail(self, failure: Failure) -> None:
+        """Answer why the request cannot be forwarded (nothing if the client left)."""
+        if not self._pending.open:
+            return
+        error = self._as_node_error(failure)
+        if self._loading is not None and self._loading.stop():
+            self._loading.send_error(error)
+        else:
+            self._pending.send_error(error)
 
     def _ended(self, result: Optional[Failure]) -> None:
         """The response ended (C{result} None) or the client left first: tell the runtime."""
@@ -492,124 +595,9 @@ class Exchange:
         if self._work is not None:
             self._work.cancel()
 
-    async def _run(self) -> None:
-        try:
-            host, port = await self._wait_turn(self._runtime.enqueue())
-            try:
-                response = await self._send(host, port)
-            except BackendRefused:
-                response = await self._after_refused()
-        except Exception as e:
-            self._fail(e)
-            return
-        self._deliver(response)
-
-    async def _wait_turn(self, ticket: Ticket) -> tuple[str, int]:
-        """Wait until the scheduler lets the request through; streaming clients hear what it
-        waits for meanwhile."""
-        self._ticket = ticket
-        if self.streaming and not ticket.ready.called and self._loading is None:
-            runtime = self._runtime
-            self._loading = LoadingComments(self._pending, self._clock, runtime.model.id,
-                                            runtime.wait_reason)
-        address = await ticket.ready
-        self._admitted = ticket.forwarded
-        self._ticket = None
-        return address
-
-    def _send_failed(self, failure: Failure) -> Optional[Deferred[None]]:
-        if not failure.check(BackendRefused):
-            self._fail(cast(Exception, failure.value))
-            return None
-        self._work = Deferred.fromCoroutine(self._retry())
-        return self._work
-
-    async def _retry(self) -> None:
-        try:
-            response = await self._after_refused()
-        except Exception as e:
-            self._fail(e)
-            return
-        self._deliver(response)
-
-    async def _after_refused(self) -> IResponse:
-        """The backend refused the connection: it died a moment ago and the node has not
-        seen its exit yet. Nothing of this request reached it: once the crash is noticed,
-        wait for the restarted backend and try again."""
-        if not await self._backend_noticed_gone():
-            raise BackendRefused()
-        self._admitted = False
-        host, port = await self._wait_turn(self._runtime.requeue())
-        return await self._send(host, port)
-
-    def _fail(self, error: Exception) -> None:
-        if not self._pending.open:
-            return
-        error = self._as_node_error(error)
-        if self._loading is not None and self._loading.stop():
-            self._loading.send_error(error)
-        else:
-            self._pending.send_error(error)
-
-    def _deliver(self, response: IResponse) -> None:
-        if not self._pending.open:
-            response.deliverBody(_Discard())
-            return
-        headers_sent = self._loading is not None and self._loading.stop()
-        if headers_sent and response.code != 200:
-            cast(LoadingComments, self._loading).relay_error(response)
-            return
-        StreamRelay(self._pending, self._clock, self._program.stream_idle_timeout).start(
-            response, headers_sent=headers_sent)
-
-    async def _backend_noticed_gone(self, patience: float = 1.0) -> bool:
-        """Wait (at most C{patience} seconds) for the model to leave the running state;
-        whether it did."""
-        lifecycle = self._runtime.lifecycle
-        if lifecycle.state != RUNNING:
-            return True
-        moved = lifecycle.changed()
-        moved.addTimeout(patience, self._clock)
-        try:
-            await moved
-        except TimeoutError:
-            return False
-        return True
-
-    def _send(self, host: str, port: int) -> Deferred[IResponse]:
-        """Send the request; fires with the backend's response once its headers arrived
-        (within C{backend_header_timeout})."""
-        sending = self._request(host, port)
-        return sending.addBoth(self._watch.unwatch, sending)
-
-    def _request(self, host: str, port: int) -> Deferred[IResponse]:
-        """Send the request, watched for the header timeout until the caller unwatches it."""
-        self._sending = True
-        request = self._pending.request
-        target = self._target
-        if target is None:
-            target = request.uri if request.uri.startswith(b"/") else request.path
-        url = backend_url(host, port, target)
-        headers: list[tuple[bytes, bytes]] | Headers = forwarded_headers(request,
-                                                                         _REQUEST_DROP)
-        if type(self._http) is not BackendClient:
-            # treq's own client takes no pairs
-            headers = headers_of(cast("list[tuple[bytes, bytes]]", headers))
-        sending: Deferred[IResponse] = self._http.request(  # type: ignore[assignment]
-            request.method.decode("ascii"), url,
-            headers=headers,  # type: ignore[arg-type]  # a BackendClient takes pairs
-            data=self._body,
-            cookies=_NO_COOKIES, allow_redirects=False, unbuffered=True)
-        if not sending.called:
-            self._watch.watch(sending, self._too_late)
-        return sending
-
-    def _too_late(self, sending: Deferred[IResponse]) -> None:
-        self._headers_late = True
-        sending.cancel()
-
-    def _as_node_error(self, error: Exception) -> NodeError:
+    def _as_node_error(self, failure: Failure) -> NodeError:
         model = self._runtime.model.id
+        error = failure.value
         if isinstance(error, NodeError):
             return error
         if self._headers_late:
@@ -617,13 +605,13 @@ class Exchange:
                 f"model {model!r} sent no response headers within "
                 f"{self._program.backend_header_timeout:g} s")
         if not self._sending:
-            log.failure("starting model {model} failed unexpectedly", model=model)
+            log.failure("starting model {model} failed unexpectedly", failure, model=model)
             return NodeError(f"starting model {model!r} failed: {_describe(error)}")
         log.info("backend of {model} failed: {why}", model=model, why=_describe(error))
         return BadGateway(f"the backend of model {model!r} failed: {_describe(error)}")
 
 
-def _describe(error: BaseException) -> str:
+def _describe(error: Optional[BaseException]) -> str:
     """A short reason; unwraps twisted.web's C{reasons} lists of Failures."""
     reasons = getattr(error, "reasons", None)
     if reasons:
@@ -650,19 +638,19 @@ class HeaderWatch:
         self._clock = clock
         self._timeout = timeout
         self._tick = min(1.0, timeout / 4)
-        self._watched: dict[Deferred[IResponse],
-                            tuple[float, Callable[[Deferred[IResponse]], object]]] = {}
+        self._watched: dict[Deferred[BackendAnswer],
+                            tuple[float, Callable[[Deferred[BackendAnswer]], object]]] = {}
         self._timer: Optional[IDelayedCall] = None
         self._stopped = False
 
-    def watch(self, sending: Deferred[IResponse],
-              on_late: Callable[[Deferred[IResponse]], object]) -> None:
+    def watch(self, sending: Deferred[BackendAnswer],
+              on_late: Callable[[Deferred[BackendAnswer]], object]) -> None:
         """Call C{on_late(sending)} if C{sending} is still watched after the timeout."""
         self._watched[sending] = (self._clock.seconds() + self._timeout, on_late)
         if self._timer is None and not self._stopped:
             self._timer = self._clock.callLater(self._tick, self._check)
 
-    def unwatch(self, result: T, sending: Deferred[IResponse]) -> T:
+    def unwatch(self, result: T, sending: Deferred[BackendAnswer]) -> T:
         """Stop watching C{sending} (a callback: passes C{result} on)."""
         self._watched.pop(sending, None)
         return result
@@ -689,17 +677,11 @@ class HeaderWatch:
             self._timer = self._clock.callLater(self._tick, self._check)
 
 
-class _Discard:
+class _Discard(Protocol):
     """A body protocol that closes a response nobody wants any more."""
 
-    def makeConnection(self, transport: IPushProducer) -> None:
-        transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure) -> None:
-        pass
+    def makeConnection(self, transport: ITransport) -> None:
+        cast(IPushProducer, transport).stopProducing()
 
 
 class LoadingComments:
@@ -753,9 +735,9 @@ class LoadingComments:
             self._pending.request.write(b"data: " + error.body() + b"\n\n")
             self._pending.finish()
 
-    def relay_error(self, response: IResponse) -> None:
+    def relay_error(self, response: BackendAnswer) -> None:
         """The backend answered an error after the stream began: pass it on as an event."""
-        d = treq_content(response)
+        d = Deferred.fromCoroutine(read_answer(response))
         d.addCallback(lambda body: self.send_error(BadGateway(
             f"the backend of model {self._model_id!r} answered {response.code}: "
             f"{body[:2000].decode('utf-8', 'replace')}")))

@@ -14,14 +14,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from llmnode.web.client import BackendResponse
 from llmnode.web.headers import headers_of, pairs_of
 from llmnode.web.responses import PendingResponse
-from llmnode.web.server import NodeRequest
 
 if TYPE_CHECKING:
-    from twisted.web.iweb import IResponse
-
+    from llmnode.web.backend_http import BackendAnswer
     from llmnode.web.request import WebRequest
 
 log = Logger()
@@ -65,44 +62,12 @@ _DROPPED: dict[frozenset[bytes], frozenset[bytes]] = {}
 def forwarded_headers(request: WebRequest,
                       also_drop: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
     """The end-to-end headers of a client's request (see L{end_to_end}) as C{(name, value)}
-    pairs. A L{llmnode.web.server.NodeRequest}'s are read from its raw pairs, so no
-    C{Headers} object is made on the way (L{llmnode.web.client.BackendClient} takes pairs)."""
-    items = getattr(request, "header_items", None)
-    pairs = items() if items is not None else pairs_of(request.requestHeaders)
-    return end_to_end_pairs(pairs, also_drop)
-
-
-def _response_pairs(response: IResponse) -> list[tuple[bytes, bytes]]:
-    """A backend response's headers as C{(name, value)} pairs: the raw ones of the node's
-    agent (under treq's wrapper, C{original}), else read from its C{Headers}."""
-    pairs = getattr(getattr(response, "original", response), "raw_headers", None)
-    return pairs if pairs is not None else pairs_of(response.headers)
-
-
-def _complete_body(response: IResponse) -> Optional[bytes]:
-    """The whole body of a response whose every byte arrived already (the node's agent
-    tells), else None."""
-    complete = getattr(getattr(response, "original", response), "complete_body", None)
-    return complete() if complete is not None else None
+    pairs, as L{llmnode.web.backend_http.BackendHTTP.send} takes them."""
+    return end_to_end_pairs(request.header_items(), also_drop)
 
 
 #: Response headers the relay sets itself.
 _NOT_RELAYED = frozenset({b"content-length"})
-
-
-def _no_delay(request: WebRequest) -> None:
-    """Send small writes to the client at once (no Nagle delay), set once per connection."""
-    channel = getattr(request, "channel", None)
-    if getattr(channel, "llmnode_no_delay", False):
-        return
-    set_no_delay = getattr(getattr(request, "transport", None), "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        try:
-            set_no_delay(True)
-        except Exception:
-            return
-        if channel is not None:
-            channel.llmnode_no_delay = True
 
 
 def is_event_stream(pairs: list[tuple[bytes, bytes]]) -> bool:
@@ -143,18 +108,15 @@ class StreamRelay(Protocol):
         self._registered = False
         self._delivering = False
 
-    def start(self, response: IResponse, headers_sent: bool = False) -> None:
+    def start(self, response: BackendAnswer, headers_sent: bool = False) -> None:
         """Send C{response}'s status and headers to the client (unless C{headers_sent}
         already), then relay its body."""
         request = self._pending.request
-        ours = type(response) is BackendResponse
         if not headers_sent:
             request.setResponseCode(response.code, response.phrase)
             kept = request.responseHeaders
             typed = event_stream = False
-            pairs = (response.raw_headers if ours  # type: ignore[attr-defined]
-                     else _response_pairs(response))
-            for name, value in end_to_end_pairs(pairs, _NOT_RELAYED):
+            for name, value in end_to_end_pairs(response.raw_headers, _NOT_RELAYED):
                 if name[0] in b"cC":  # a cheap test first: most headers are neither
                     lower = name.lower()
                     if lower == b"content-encoding" and not value.strip():
@@ -165,13 +127,11 @@ class StreamRelay(Protocol):
                         typed, event_stream = True, _is_event_stream_type(value)
                 kept.addRawHeader(name, value)
             if response.length is not UNKNOWN_LENGTH:
-                request.setHeader(b"Content-Length", b"%d" % response.length)
+                request.setHeader(b"Content-Length",
+                                  b"%d" % response.length)  # type: ignore[str-format]  # known
             if event_stream:
                 request.setHeader(b"X-Accel-Buffering", b"no")
-        if type(request) is not NodeRequest:  # the node's channel sets TCP_NODELAY itself
-            _no_delay(request)
-        body = (response.complete_body() if ours  # type: ignore[attr-defined]
-                else _complete_body(response))
+        body = response.complete_body()
         if body is not None:
             # The whole answer is already here (most non-streamed answers): one write.
             self._done = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING, Any, Callable, Optional, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -19,8 +19,6 @@ from twisted.web.resource import Resource
 from llmnode.errors import MethodNotAllowed, NodeError, NotFound
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import ITransport
-
     from llmnode.web.request import WebRequest
 
 log = Logger()
@@ -92,11 +90,7 @@ class PendingResponse:
         self._on_gone: list[Callable[[], Any]] = [] if on_gone is None else [on_gone]
         self._on_end: list[Callable[[Optional[Failure]], Any]] = (
             [] if on_end is None else [on_end])
-        when_finished = getattr(request, "when_finished", None)
-        if when_finished is not None:
-            when_finished(self._finished)
-        else:
-            request.notifyFinish().addBoth(self._finished)
+        request.when_finished(self._finished)
 
     @property
     def open(self) -> bool:
@@ -172,7 +166,7 @@ class PendingResponse:
         if not self.open:
             return False
         self.ended = True
-        transport = cast("ITransport", getattr(self.request, "transport", None)
-                         or self.request.channel)
-        transport.loseConnection()
+        transport = self.request.transport
+        if transport is not None:
+            transport.loseConnection()
         return True

@@ -18,12 +18,12 @@ from llmnode.web.upload import STREAM_ABOVE
 from llmnode.web.upstream import UpstreamResource
 
 if TYPE_CHECKING:
-    from treq.client import HTTPClient
     from twisted.internet.interfaces import IReactorTime
 
     from llmnode.config import Model, Program
     from llmnode.errors import NodeError
     from llmnode.node import Node
+    from llmnode.web.backend_http import BackendHTTP
     from llmnode.web.logs import LogSource
     from llmnode.web.request import WebRequest
     from llmnode.web.server import NodeRequest
@@ -109,7 +109,7 @@ class CorsRoot(Root):
                        + b"\r\nVary: Origin\r\n")
 
 
-def build_root(node: Node, http: HTTPClient, clock: IReactorTime, program: Program, *,
+def build_root(node: Node, backends: BackendHTTP, clock: IReactorTime, program: Program, *,
                devices: Callable[[], list[dict[str, Any]]],
                reload: Callable[[], dict[str, Any]], node_log: Optional[LogSource] = None,
                model_log: Optional[Callable[[Model], LogSource]] = None,
@@ -123,7 +123,7 @@ def build_root(node: Node, http: HTTPClient, clock: IReactorTime, program: Progr
         root: Root = CorsRoot(Guard(program), cors=Cors(program.cors_origins))
     else:
         root = Root(Guard(program))
-    root.proxy = proxy = mount(root, node, http, clock, program)
+    root.proxy = proxy = mount(root, node, backends, clock, program)
     root.putChild(b"upstream", UpstreamResource(node, proxy.forwarder))
     api = ApiResource(node, clock, devices=devices, reload=reload, node_log=node_log,
                       model_log=model_log, ready=ready)

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IPullProducer, IPushProducer
     from twisted.web.resource import Resource
 
+    from llmnode.web.request import HeaderGuard
     from llmnode.web.sockets import ITCPConnection
 from llmnode.web.body import body_too_large
 from llmnode.web.headers import headers_of, pairs_of
@@ -141,6 +142,26 @@ class ResponseHeaders:
         return iter(self._items.values())
 
 
+class _GuardedHeaders(ResponseHeaders):
+    """Response headers whose guarded names keep their values (see
+    L{llmnode.web.request.WebRequest.guard_response_headers})."""
+
+    __slots__ = ("_guarded",)
+
+    def __init__(self, items: dict[bytes, tuple[bytes, list[bytes]]],
+                 guarded: HeaderGuard) -> None:
+        self._items = items
+        self._guarded = guarded
+
+    def setRawHeaders(self, name: bytes | str, values: Sequence[bytes | str]) -> None:
+        if not self._guarded(_as_bytes(name).lower()):
+            super().setRawHeaders(name, values)
+
+    def addRawHeader(self, name: bytes | str, value: bytes | str) -> None:
+        if not self._guarded(_as_bytes(name).lower()):
+            super().addRawHeader(name, value)
+
+
 def _one_line(text: bytes) -> bytes:
     return text.replace(b"\r\n", b" ").replace(b"\r", b" ").replace(b"\n", b" ")
 
@@ -150,19 +171,13 @@ def _as_bytes(value: bytes | str) -> bytes:
 
 
 class NodeRequest:
-    """One HTTP request, with the methods of C{twisted.web.server.Request} that the node's
-    resources use (C{method}, C{uri}, C{path}, C{args}, C{prepath}/C{postpath},
-    C{getHeader}, C{requestHeaders}, C{content}, C{setResponseCode}, C{setHeader},
-    C{responseHeaders}, C{write}, C{finish}, C{notifyFinish}, C{registerProducer},
-    C{getClientAddress}).
+    """One HTTP request: this server's L{llmnode.web.request.WebRequest} (the methods of
+    C{twisted.web.server.Request} that the node's resources use, and the proxy's own).
 
     @ivar body_parts: a large body (over L{JOIN_ABOVE} bytes) as the pieces it arrived in,
         until something asks for L{raw_body}; None otherwise. Joining is left to whoever can
         do it off the reactor (C{bytes.join} of many pieces releases the GIL).
-    @ivar body_too_large: always False: the server answers a body over the limit itself.
     """
-
-    body_too_large = False
 
     #: The body as it arrives (L{llmnode.web.upload.BodyStream}) when the request was
     #: dispatched at the end of its headers; None when it was read whole.
@@ -281,6 +296,9 @@ class NodeRequest:
         if type(name) is not bytes or type(value) is not bytes:
             name, value = _as_bytes(name), _as_bytes(value)
         self.responseHeaders._items[name.lower()] = (name, [value])
+
+    def guard_response_headers(self, guarded: HeaderGuard) -> None:
+        self.responseHeaders = _GuardedHeaders(self.responseHeaders._items, guarded)
 
     def write(self, data: bytes) -> None:
         if self.finished or self.gone:

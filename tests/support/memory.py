@@ -34,7 +34,9 @@ from llmnode.devices import Device
 from llmnode.devices.interfaces import IDevicePlugin
 from llmnode.service import NodeService
 from llmnode.web.body import max_body_bytes
+from llmnode.web.backend_http import TreqBackends
 from llmnode.web.proxy import mount
+from llmnode.web.request import TwistedSite
 from llmnode.web.server import NodeSite
 from tests.support.fake_node import FakeNode
 from tests.support.nodes import write_config
@@ -358,11 +360,12 @@ def memory_model(port: int, mode: str = "Chat", memory_mb: int = 64, **keys) -> 
 class MemoryProxy(_Calls):
     """The C{/v1} proxy (and C{/rerank}) mounted on C{root} in front of a fake node of
     C{runtimes}, served by the node's server on a L{MemoryNet}; its client to backends is
-    treq over the same network (a backend is whatever listens there: L{serve_demo}, a
-    L{Site})."""
+    treq over the same network (through L{TreqBackends}) (a backend is whatever listens there: L{serve_demo}, a
+    L{Site}). With C{twisted_web}, twisted.web serves it (L{TwistedSite})."""
 
     def __init__(self, testcase, runtimes, program: Program = Program(),
-                 root: Optional[Resource] = None, net: Optional[MemoryNet] = None) -> None:
+                 root: Optional[Resource] = None, net: Optional[MemoryNet] = None,
+                 twisted_web: bool = False) -> None:
         self.net = net = MemoryNet() if net is None else net
         self.root = Resource() if root is None else root
         pool = HTTPConnectionPool(net, persistent=True)
@@ -370,10 +373,13 @@ class MemoryProxy(_Calls):
         backends = HTTPClient(Agent.usingEndpointFactory(net, _Endpoints(net), pool=pool),
                               cookiejar=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
                               data_to_body_producer=_Body)
-        self.v1 = mount(self.root, FakeNode(runtimes), backends, net, program)
+        self.v1 = mount(self.root, FakeNode(runtimes), TreqBackends(backends), net, program)
         testcase.addCleanup(self.v1.close)
-        self.site = NodeSite(self.root, max_body_bytes=max_body_bytes(program.max_body_mb),
-                             clock=net)
+        if twisted_web:  # twisted.web's own server instead of the node's
+            self.site: NodeSite | TwistedSite = TwistedSite(self.root, reactor=net)
+        else:
+            self.site = NodeSite(self.root, max_body_bytes=max_body_bytes(program.max_body_mb),
+                                 clock=net)
         self.port = net.listenTCP(0, self.site).getHost().port
         self.url = f"http://127.0.0.1:{self.port}"
         self.http_client = net.client()
