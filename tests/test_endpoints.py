@@ -1,6 +1,10 @@
 """The endpoints beyond chat: audio, speech, images, responses, messages, llama.cpp's native
-routes, routed by model through the real proxy to the demo backend (a real process) or to an
-in-process backend; multipart routing; per-model parameter filters."""
+routes, routed by model through the real proxy; multipart routing; per-model parameter filters.
+
+Most tests run in memory (L{tests.support.memory}): the proxy is served by the node's server on
+a L{MemoryNet}, the demo backend is its resource on the same network, and time is a fake clock.
+The streamed uploads stay on real sockets: their subject is a large body arriving in pieces
+over TCP and reaching the backend before it ends."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.server import Site
 
 from llmnode.config import Program
 from llmnode.errors import BadRequest
@@ -24,8 +29,8 @@ from tests.support.backends import ScriptedBackend
 from tests.support.demo import spawn_demo
 from tests.support.fake_node import FakeNode, FakeRuntime, model
 from tests.support.net import (
-    http_client, http_request, listen, listen_node, parse_response, raw_connect)
-from tests.support.proxy import serve_proxy
+    RawClient, http_client, http_request, listen_node, parse_response, raw_connect)
+from tests.test_proxy import MemoryProxyCase
 
 BOUNDARY = "llmnode-test-boundary"
 
@@ -73,23 +78,11 @@ class MultipartTests(SynchronousTestCase):
                 form_fields(body, BOUNDARY.encode(), frozenset({b"model"}))
 
 
-class EndpointCase(TestCase):
-    timeout = 60
+class MemoryEndpointCase(MemoryProxyCase):
+    """The proxy in memory, and helpers to post forms and check errors through it."""
 
-    def setUp(self):
-        self.client = http_client(self)
-
-    def demo(self):
-        return lambda: spawn_demo(self).ready
-
-    async def post(self, port, path, body, content_type="application/json"):
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        response = await self.client.post(f"http://127.0.0.1:{port}{path}", data=data,
-                                          headers={"Content-Type": content_type})
-        return response, await response.content()
-
-    async def post_form(self, port, path, fields):
-        response, content = await self.post(port, path, form(fields), FORM_TYPE)
+    def post_form(self, path, fields):
+        response, content = self.post(path, form(fields), {"Content-Type": FORM_TYPE})
         return response, json.loads(content)
 
     def assertError(self, response, content, status, param=None):
@@ -100,14 +93,14 @@ class EndpointCase(TestCase):
         return payload["error"]["message"]
 
 
-class EndpointTests(EndpointCase):
+class EndpointTests(MemoryEndpointCase):
     """Each endpoint reaches the backend of the model named in the request."""
 
-    async def test_every_endpoint_reaches_its_backend_path(self):
+    def test_every_endpoint_reaches_its_backend_path(self):
         runtimes = [FakeRuntime(model(name, mode), self.demo())
                     for name, mode in (("chat", "Chat"), ("whisper", "Audio"),
                                        ("tts", "Speech"), ("sd", "Image"))]
-        port = serve_proxy(self, runtimes)
+        self.serve(runtimes)
         messages = [{"role": "user", "content": "hi there"}]
         json_calls = {
             "/v1/responses": ({"model": "chat", "input": "hi there"},
@@ -129,8 +122,7 @@ class EndpointTests(EndpointCase):
                                        ["a cat", "a cat"]),
         }
         for path, (body, read, expected) in json_calls.items():
-            response, content = await self.post(port, path, body)
-            answer = json.loads(content)
+            response, answer = self.post_json(path, body)
             self.assertEqual(response.code, 200, (path, answer))
             self.assertEqual(read(answer), expected, path)
             self.assertEqual((answer["llmnode_echo"]["path"], answer["llmnode_echo"]["model"]),
@@ -140,161 +132,162 @@ class EndpointTests(EndpointCase):
         digest = hashlib.sha256(audio).hexdigest()
         for path, task in (("/v1/audio/transcriptions", "transcribe"),
                            ("/v1/audio/translations", "translate")):
-            response, answer = await self.post_form(
-                port, path, {"model": "whisper", "file": ("a.wav", audio)})
+            response, answer = self.post_form(path, {"model": "whisper", "file": ("a.wav", audio)})
             self.assertEqual(response.code, 200, answer)
             self.assertEqual(answer["text"], f"{task}: {len(audio)} bytes, sha256 {digest}")
-        response, answer = await self.post_form(
-            port, "/v1/images/edits", {"model": "sd", "image": ("i.png", audio), "prompt": "p"})
+        response, answer = self.post_form(
+            "/v1/images/edits", {"model": "sd", "image": ("i.png", audio), "prompt": "p"})
         self.assertEqual(answer["data"][0]["revised_prompt"], f"edit of {len(audio)} bytes: p")
 
-        response, content = await self.post(port, "/v1/audio/speech",
-                                            {"model": "tts", "input": "hello there", "voice": "x"})
+        response, content = self.post("/v1/audio/speech",
+                                      {"model": "tts", "input": "hello there", "voice": "x"})
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"audio/wav"])
         self.assertEqual(content[:4] + content[8:12], b"RIFFWAVE")
         self.assertEqual([r.spawns for r in runtimes], [1, 1, 1, 1])
         for runtime in runtimes:
-            await runtime.when_idle()
+            self.net.wait(runtime.when_idle())
 
-    async def test_a_model_serves_only_its_modes_endpoints(self):
+    def test_a_model_serves_only_its_modes_endpoints(self):
         runtimes = [FakeRuntime(model(name, mode), self.demo())
                     for name, mode in (("chat", "Chat"), ("whisper", "Audio"), ("base", "Base"),
                                        ("embed", "Embedding"))]
-        port = serve_proxy(self, runtimes)
-        message = self.assertError(*await self.post_form(
-            port, "/v1/audio/transcriptions", {"model": "chat", "file": ("a", b"x")}),
-            400, "model")
+        self.serve(runtimes)
+        message = self.assertError(*self.post_form(
+            "/v1/audio/transcriptions", {"model": "chat", "file": ("a", b"x")}), 400, "model")
         self.assertIn("mode 'Chat'", message)
         self.assertIn("audio transcriptions", message)
-        message = self.assertError(*await self.post(
-            port, "/v1/chat/completions", {"model": "whisper", "messages": []}), 400, "model")
+        message = self.assertError(*self.post(
+            "/v1/chat/completions", {"model": "whisper", "messages": []}), 400, "model")
         self.assertIn("mode 'Audio'", message)
-        message = self.assertError(*await self.post(
-            port, "/v1/responses", {"model": "base", "input": "x"}), 400, "model")
+        message = self.assertError(*self.post(
+            "/v1/responses", {"model": "base", "input": "x"}), 400, "model")
         self.assertIn("mode 'Base'", message)
-        message = self.assertError(*await self.post(
-            port, "/tokenize", {"model": "embed", "content": "x"}), 400, "model")
+        message = self.assertError(*self.post(
+            "/tokenize", {"model": "embed", "content": "x"}), 400, "model")
         self.assertIn("mode 'Embedding'", message)
-        response, content = await self.post(port, "/tokenize", {"model": "base", "content": "x"})
+        response, content = self.post("/tokenize", {"model": "base", "content": "x"})
         self.assertEqual(response.code, 200)
         self.assertEqual([r.spawns for r in runtimes], [0, 0, 1, 0])
-        await runtimes[2].when_idle()
+        self.net.wait(runtimes[2].when_idle())
 
-    async def test_an_endpoints_list_overrides_the_mode(self):
+    def test_an_endpoints_list_overrides_the_mode(self):
         limited = dataclasses.replace(model("limited", "Chat"),
                                       endpoints=frozenset({"completions", "transcriptions"}))
         runtime = FakeRuntime(limited, self.demo())
-        port = serve_proxy(self, [runtime])
-        message = self.assertError(*await self.post(
-            port, "/v1/chat/completions", {"model": "limited", "messages": []}), 400, "model")
+        self.serve([runtime])
+        message = self.assertError(*self.post(
+            "/v1/chat/completions", {"model": "limited", "messages": []}), 400, "model")
         self.assertIn("endpoints list", message)
-        response, answer = await self.post_form(
-            port, "/v1/audio/transcriptions", {"model": "limited", "file": ("a", b"xyz")})
+        response, answer = self.post_form(
+            "/v1/audio/transcriptions", {"model": "limited", "file": ("a", b"xyz")})
         self.assertEqual(response.code, 200)
-        await runtime.when_idle()
+        self.net.wait(runtime.when_idle())
 
 
-class UploadTests(EndpointCase):
+class UploadTests(MemoryEndpointCase):
     """Multipart uploads: routing errors, limits, the model rewritten in the form."""
 
-    async def test_bad_uploads_get_a_clear_400_and_start_nothing(self):
+    def test_bad_uploads_get_a_clear_400_and_start_nothing(self):
         runtime = FakeRuntime(model("whisper", "Audio"), self.demo())
-        port = serve_proxy(self, [runtime])
+        self.serve([runtime])
         path = "/v1/audio/transcriptions"
-        message = self.assertError(*await self.post_form(
-            port, path, {"file": ("a.wav", b"RIFF")}), 400, "model")
+        message = self.assertError(*self.post_form(path, {"file": ("a.wav", b"RIFF")}),
+                                   400, "model")
         self.assertIn("'model'", message)
-        message = self.assertError(*await self.post(port, path, {"model": "whisper"}), 400)
+        message = self.assertError(*self.post(path, {"model": "whisper"}), 400)
         self.assertIn("multipart/form-data", message)
-        message = self.assertError(*await self.post(
-            port, path, form({"model": "whisper", "file": ("a", b"x")})[:-30], FORM_TYPE), 400)
+        message = self.assertError(*self.post(
+            path, form({"model": "whisper", "file": ("a", b"x")})[:-30],
+            {"Content-Type": FORM_TYPE}), 400)
         self.assertIn("broken multipart body", message)
-        self.assertError(*await self.post_form(
-            port, path, {"model": "nobody", "file": ("a", b"x")}), 404, "model")
+        self.assertError(*self.post_form(path, {"model": "nobody", "file": ("a", b"x")}),
+                         404, "model")
         self.assertEqual(runtime.spawns, 0)
 
-    async def test_an_upload_over_the_limit_is_refused_before_the_backend_sees_it(self):
+    def test_an_upload_over_the_limit_is_refused_before_the_backend_sees_it(self):
         runtime = FakeRuntime(model("whisper", "Audio"), self.demo())
-        port = serve_proxy(self, [runtime], Program(max_body_mb=1))
+        proxy = self.serve([runtime], Program(max_body_mb=1))
         body = form({"model": "whisper", "file": ("a.wav", b"\0" * (1024 * 1024 + 1))})
-        client = await raw_connect(self, port)
+        client = self.net.connect(proxy.port, RawClient())
         client.transport.write(http_request(
             "POST", "/v1/audio/transcriptions", body, {"Content-Type": FORM_TYPE}))
-        await client.when_received(b"}}")
+        self.net.wait(client.when_received(b"}}"))
         status, _, content, _ = parse_response(client.data)
         self.assertEqual(status, 413)
         self.assertEqual(json.loads(content)["error"]["code"], "request_too_large")
         self.assertEqual(runtime.spawns, 0)
 
-    async def test_upstream_model_is_written_into_the_form(self):
+    def test_upstream_model_is_written_into_the_form(self):
         renamed = model("whisper", "Audio", upstream_model="org/whisper-large")
         runtime = FakeRuntime(renamed, self.demo())
-        port = serve_proxy(self, [runtime])
+        self.serve([runtime])
         audio = b"\xff\xfe" * 5000
-        response, answer = await self.post_form(
-            port, "/v1/audio/transcriptions", {"model": "whisper", "file": ("a", audio),
-                                               "response_format": "verbose_json"})
+        response, answer = self.post_form(
+            "/v1/audio/transcriptions", {"model": "whisper", "file": ("a", audio),
+                                         "response_format": "verbose_json"})
         self.assertEqual(response.code, 200, answer)
         self.assertEqual(answer["llmnode_echo"]["model"], "org/whisper-large")
         self.assertIn(hashlib.sha256(audio).hexdigest(), answer["text"])
         self.assertEqual(answer["task"], "transcribe")
-        await runtime.when_idle()
+        self.net.wait(runtime.when_idle())
 
 
-class DownloadTests(EndpointCase):
+class ScriptedCase(MemoryEndpointCase):
+    """A L{ScriptedBackend} behind the proxy, on the same in-memory network."""
+
+    def scripted(self, script, model) -> ScriptedBackend:
+        """Serve C{model} by C{script}; the backend."""
+        backend = ScriptedBackend(script)
+        port = self.net.listenTCP(0, Site(backend, reactor=self.net)).getHost().port
+        self.runtime = FakeRuntime(model, lambda: ("127.0.0.1", port))
+        self.serve([self.runtime])
+        return backend
+
+
+class DownloadTests(ScriptedCase):
     """Audio bytes stream out; a client that leaves closes the backend connection."""
 
-    def backend(self, script):
-        self.scripted = ScriptedBackend(script)
-        _, backend_port = listen(self, self.scripted)
-        self.runtime = FakeRuntime(model("tts", "Speech"), lambda: ("127.0.0.1", backend_port))
-        return serve_proxy(self, [self.runtime])
-
-    async def test_client_leaving_mid_download_closes_the_backend(self):
+    def test_client_leaving_mid_download_closes_the_backend(self):
         def script(exchange):
             exchange.request.setHeader(b"Content-Type", b"audio/wav")
             exchange.request.write(b"RIFF" + b"\0" * 4096)  # and then nothing more
 
-        port = self.backend(script)
-        client = await raw_connect(self, port)
+        backend = self.scripted(script, model("tts", "Speech"))
+        client = self.net.connect(self.proxy.port, RawClient())
         body = json.dumps({"model": "tts", "input": "a long speech"}).encode()
         client.transport.write(http_request("POST", "/v1/audio/speech", body))
-        await client.when_received(b"RIFF")
+        self.net.wait(client.when_received(b"RIFF"))
         client.transport.abortConnection()
-        await self.scripted.exchanges[0].closed
-        await self.runtime.when_idle()
+        self.net.wait(backend.exchanges[0].closed)
+        self.net.wait(self.runtime.when_idle())
         self.assertEqual((self.runtime.started, self.runtime.finished), (1, 1))
 
 
-class FilterTests(EndpointCase):
+class FilterTests(ScriptedCase):
     """strip_params, default_params and set_params edit JSON bodies before they are sent."""
 
-    async def test_parameters_are_stripped_defaulted_and_set(self):
+    def test_parameters_are_stripped_defaulted_and_set(self):
         def script(exchange):
             exchange.request.setHeader(b"Content-Type", b"application/json")
             exchange.request.write(b"{}")
             exchange.request.finish()
 
-        backend = ScriptedBackend(script)
-        _, backend_port = listen(self, backend)
         filtered = dataclasses.replace(
             model("m", aliases=("alias",)), strip_params=("top_k", "absent"),
             default_params={"max_tokens": 64, "temperature": 0.7},
             set_params={"stop": ["</s>"], "seed": 1})
-        runtime = FakeRuntime(filtered, lambda: ("127.0.0.1", backend_port))
-        port = serve_proxy(self, [runtime])
+        backend = self.scripted(script, filtered)
         sent = {"model": "alias", "messages": [], "top_k": 40, "temperature": 0.1, "seed": 9}
-        response, _ = await self.post(port, "/v1/chat/completions", sent)
+        response, _ = self.post("/v1/chat/completions", sent)
         self.assertEqual(response.code, 200)
         self.assertEqual(json.loads(backend.exchanges[0].body), {
             "model": "alias", "messages": [], "temperature": 0.1, "seed": 1,
             "max_tokens": 64, "stop": ["</s>"]})
-        response, _ = await self.post(port, "/v1/chat/completions", b"[1]")
+        response, _ = self.post("/v1/chat/completions", b"[1]")
         self.assertEqual(response.code, 400)
         self.assertEqual(len(backend.exchanges), 1)
-        await runtime.when_idle()
-
+        self.net.wait(self.runtime.when_idle())
 
 
 class Receiver(Protocol):
@@ -320,9 +313,23 @@ class Receiver(Protocol):
         return waiter
 
 
-class StreamedUploadTests(EndpointCase):
+class StreamedUploadTests(TestCase):
     """A large upload reaches the backend as it arrives (through the node's own server, root
-    and client), with the same answers as a small one."""
+    and client), with the same answers as a small one: bytes over real sockets, arriving in
+    pieces as TCP delivers them."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.client = http_client(self)
+
+    def demo(self):
+        return lambda: spawn_demo(self).ready
+
+    async def post_form(self, port, path, fields):
+        response = await self.client.post(f"http://127.0.0.1:{port}{path}", data=form(fields),
+                                          headers={"Content-Type": FORM_TYPE})
+        return response, json.loads(await response.content())
 
     def serve(self, runtimes, program=Program()):
         http, agent = make_client(reactor)
