@@ -271,6 +271,11 @@ class MemoryBackend:
         self._listening, self.resource = serve_demo(self._net, self._model.port,
                                                     **self._options)
 
+    @property
+    def serving(self) -> bool:
+        """Whether the run serves its port: it has started and not ended."""
+        return self._listening is not None
+
     def stop(self) -> Deferred:
         self._end(None)
         return succeed(None)
