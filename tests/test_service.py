@@ -1,38 +1,101 @@
-"""A whole node in the test's reactor: real sockets, real demo backends, real processes."""
+"""A whole node: its health, routes and admission limits in memory; on-demand start and
+shutdown over real sockets, real demo backends, real processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
-import threading
 
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import TestCase
-from zope.interface import implementer
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from llmnode.devices.interfaces import Device, IDevicePlugin
-
+from tests.support.memory import MemoryNet, MemoryNode, memory_model, start_memory_node
 from tests.support.nodes import (base_url, demo_model, free_port, get_json, http_client,
                                  pids_alive, post_json, start_node)
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hello"}]}
 
 
-@implementer(IDevicePlugin)
-class GatedPlugin:
-    """Reports one cpu device, but only once the test opens the gate (it blocks till then)."""
+class GatedThreads(MemoryNet):
+    """A L{MemoryNet} whose "threaded" work (the node's device reads) waits until the test
+    opens the gate; after that it runs at once."""
 
-    name = "gated"
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: list = []
+        self._open = False
 
-    def __init__(self):
-        self.open = threading.Event()
+    def getThreadPool(self):
+        return self
 
-    def devices(self):
-        self.open.wait(30)
-        return [Device(id="cpu", kind="cpu", name="RAM", total_mb=4096, free_mb=4096)]
+    def callInThreadWithCallback(self, on_result, function, *args, **kwargs) -> None:
+        if self._open:
+            super().getThreadPool().callInThreadWithCallback(on_result, function, *args,
+                                                             **kwargs)
+        else:
+            self._held.append((on_result, function, args, kwargs))
+
+    def open(self) -> None:
+        """Run the held work, and any from now on."""
+        self._open = True
+        held, self._held = self._held, []
+        for on_result, function, args, kwargs in held:
+            self.callInThreadWithCallback(on_result, function, *args, **kwargs)
+
+
+class HealthTests(SynchronousTestCase):
+    """Health and unknown paths on a whole node in memory (L{tests.support.memory})."""
+
+    def node(self, **kwargs) -> MemoryNode:
+        return start_memory_node(self, {"chat": memory_model(9801)}, **kwargs)
+
+    def test_health_reports_models_and_devices(self):
+        service = self.node()
+        service.net.wait(service.monitor.refresh())
+        status, health, _ = service.call_json("GET", "/api/health")
+        self.assertEqual(status, 200)
+        self.assertEqual(health["status"], "ok")
+        self.assertEqual(health["models"]["stopped"], 1)
+        self.assertIn("cpu", [d["id"] for d in health["devices"]])
+
+    def test_health_says_starting_until_the_devices_are_read(self):
+        """A readiness probe sees 503 "starting" until the first device read has ended, on
+        /health and /api/health alike; then 200 "ok" with the devices."""
+        gate = GatedThreads()
+        service = self.node(net=gate, wait_ready=False)
+        for path in ("/health", "/api/health"):
+            response, content = service.call("GET", path)
+            self.assertEqual(response.code, 503, path)
+            self.assertEqual(response.headers.getRawHeaders(b"Retry-After"), [b"1"])
+            health = json.loads(content)
+            self.assertEqual((health["status"], health["devices"]), ("starting", []))
+        gate.open()
+        gate.wait(service.when_ready())
+        for path in ("/health", "/api/health"):
+            status, health, _ = service.call_json("GET", path)
+            self.assertEqual((status, health["status"]), (200, "ok"), path)
+            self.assertEqual([d["id"] for d in health["devices"]], ["cpu"])
+
+    def test_root_health_is_api_health(self):
+        service = self.node()
+        _, api, _ = service.call_json("GET", "/api/health")
+        status, root, _ = service.call_json("GET", "/health")
+        self.assertEqual(status, 200)
+        api.pop("uptime_s"), root.pop("uptime_s")
+        self.assertEqual(root, api)
+
+    def test_unknown_paths_answer_json_404(self):
+        response, content = self.node().call("GET", "/nothing/here")
+        self.assertEqual(response.code, 404)
+        self.assertIn("error", json.loads(content))
 
 
 class NodeTests(TestCase):
+    """Over real sockets and processes: a chat starts its backend, which writes its log file;
+    stopping the node stops every backend process group, and says so only when it is so."""
+
     timeout = 60
 
     async def test_chat_through_the_node_starts_the_model_on_demand(self):
@@ -84,51 +147,6 @@ class NodeTests(TestCase):
         self.assertIn(f"port {port} of b is still listened on by pid {os.getpid()}", text)
         self.assertNotIn("no backend left running", text)
 
-    async def test_health_reports_models_and_devices(self):
-        service = await start_node(self, {"chat": demo_model(free_port())})
-        await service.monitor.refresh()
-        status, health = await get_json(http_client(self), base_url(service) + "/api/health")
-        self.assertEqual(status, 200)
-        self.assertEqual(health["status"], "ok")
-        self.assertEqual(health["models"]["stopped"], 1)
-        self.assertIn("cpu", [d["id"] for d in health["devices"]])
-
-    async def test_health_says_starting_until_the_devices_are_read(self):
-        """A readiness probe sees 503 "starting" until the first device read has ended, on
-        /health and /api/health alike; then 200 "ok" with the devices."""
-        gate = GatedPlugin()
-        service = await start_node(self, {"chat": demo_model(free_port())}, plugins=[gate],
-                                   wait_ready=False)
-        self.addCleanup(gate.open.set)
-        http = http_client(self)
-        for path in ("/health", "/api/health"):
-            response = await http.get(base_url(service) + path)
-            self.assertEqual(response.code, 503, path)
-            self.assertEqual(response.headers.getRawHeaders(b"Retry-After"), [b"1"])
-            health = await response.json()
-            self.assertEqual((health["status"], health["devices"]), ("starting", []))
-        gate.open.set()
-        await service.when_ready()
-        for path in ("/health", "/api/health"):
-            status, health = await get_json(http, base_url(service) + path)
-            self.assertEqual((status, health["status"]), (200, "ok"), path)
-            self.assertEqual([d["id"] for d in health["devices"]], ["cpu"])
-
-    async def test_root_health_is_api_health(self):
-        service = await start_node(self, {"chat": demo_model(free_port())})
-        http = http_client(self)
-        _, api = await get_json(http, base_url(service) + "/api/health")
-        status, root = await get_json(http, base_url(service) + "/health")
-        self.assertEqual(status, 200)
-        api.pop("uptime_s"), root.pop("uptime_s")
-        self.assertEqual(root, api)
-
-    async def test_unknown_paths_answer_json_404(self):
-        service = await start_node(self, {"chat": demo_model(free_port())})
-        response = await http_client(self).get(base_url(service) + "/nothing/here")
-        self.assertEqual(response.code, 404)
-        self.assertIn("error", await response.json())
-
 
 def _group_members(pgids) -> list[int]:
     import psutil
@@ -142,17 +160,22 @@ def _group_members(pgids) -> list[int]:
     return members
 
 
-class ConcurrencyLimitTests(TestCase):
-    timeout = 60
+class ConcurrencyLimitTests(SynchronousTestCase):
+    """Admission on a whole node in memory."""
 
-    async def test_over_max_concurrency_and_queue_answers_429(self):
-        from twisted.internet import defer
-        service = await start_node(self, {"chat": demo_model(
-            free_port(), max_concurrency=1, max_queue=1, flags="--slow-headers 0.5")})
-        http = http_client(self)
-        url = base_url(service) + "/v1/chat/completions"
-        results = await defer.gatherResults([
-            defer.ensureDeferred(post_json(http, url, CHAT)) for _ in range(3)])
+    def test_over_max_concurrency_and_queue_answers_429(self):
+        service = start_memory_node(
+            self, {"chat": memory_model(9801, max_concurrency=1, max_queue=1)},
+            backends={"chat": {"slow_headers": 0.5}})
+
+        async def post() -> tuple:
+            response = await service.http_client.post(
+                service.url + "/v1/chat/completions", data=json.dumps(CHAT).encode(),
+                headers={"Content-Type": "application/json"})
+            return response.code, json.loads(await response.content()), response.headers
+
+        results = service.net.wait(gatherResults([
+            Deferred.fromCoroutine(post()) for _ in range(3)]))
         statuses = sorted(status for status, _, _ in results)
         self.assertEqual(statuses, [200, 200, 429])
         status, body, headers = [r for r in results if r[0] == 429][0]

@@ -341,15 +341,19 @@ class MemoryNode(NodeService, _Calls):
         return f"http://127.0.0.1:{self.listening_port}"
 
 def start_memory_node(testcase, models: dict, *, backends: Optional[dict[str, dict]] = None,
+                      net: Optional[MemoryNet] = None, wait_ready: bool = True,
                       **program) -> MemoryNode:
     """A L{MemoryNode} of C{models} (mappings as in a config file) with C{program} settings,
-    started and ready; stopped when the test ends."""
-    net = MemoryNet()
+    on C{net} (a new one by default), started; stopped when the test ends.
+
+    @param wait_ready: return only once the node has read its devices."""
+    net = MemoryNet() if net is None else net
     config = load_config(write_config(testcase, models, **program))
     node = MemoryNode(config, net, backends=backends)
     node.startService()
     testcase.addCleanup(lambda: net.wait(node.stopService()) if node.running else None)
-    net.wait(node.when_ready())
+    if wait_ready:
+        net.wait(node.when_ready())
     return node
 
 
