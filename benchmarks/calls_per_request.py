@@ -102,7 +102,12 @@ def main() -> None:
 
     done = defer.Deferred.fromCoroutine(measure())
     failed: list[object] = []
-    done.addErrback(lambda failure: failed.append(failure.printTraceback()))
+
+    def report(failure: object) -> None:
+        failure.printTraceback()  # type: ignore[attr-defined]
+        failed.append(failure)
+
+    done.addErrback(report)
     done.addBoth(lambda _: reactor.stop())
     reactor.run()
     shutil.rmtree(folder, ignore_errors=True)

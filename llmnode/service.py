@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from twisted.internet.address import IPv4Address
     from twisted.internet.interfaces import IListeningPort, IReactorThreads
     from twisted.logger import LogPublisher
-    from twisted.python.failure import Failure
 
     from llmnode.devices.interfaces import Device, IDevicePlugin
 

@@ -9,7 +9,6 @@ import socket
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 from httptools import HttpRequestParser
-from treq import content as treq_content
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionRefusedError

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional, Protocol, cast
 
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol as TwistedProtocol
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
+from treq import collect
+from twisted.internet.defer import Deferred, succeed
 
 from llmnode.web.headers import headers_of, pairs_of
 
 if TYPE_CHECKING:
     from treq.client import HTTPClient
     from twisted.internet.interfaces import IProtocol
-    from twisted.python.failure import Failure
     from twisted.web.iweb import IBodyProducer, IResponse
 
     from llmnode.web.client import BackendURL
@@ -96,26 +93,11 @@ class TreqBackends:
         return cast("Deferred[BackendAnswer]", sending.addCallback(TreqAnswer))
 
 
-async def read_answer(answer: BackendAnswer) -> bytes:
-    """The whole body of C{answer} (what C{treq.content} does for an C{IResponse})."""
+def read_answer(answer: BackendAnswer) -> Deferred[bytes]:
+    """The whole body of C{answer}: the part that already arrived, else collected by treq."""
     complete = answer.complete_body()
     if complete is not None:
-        return complete
-    done: Deferred[bytes] = Deferred()
-    answer.deliverBody(_Collect(done))
-    return await done
-
-
-class _Collect(TwistedProtocol):
-    def __init__(self, done: Deferred[bytes]) -> None:
-        self._done = done
-        self._parts: list[bytes] = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self._parts.append(data)
-
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self._done.callback(b"".join(self._parts))
-        else:
-            self._done.errback(reason)
+        return succeed(complete)
+    parts: list[bytes] = []
+    collecting = collect(answer, parts.append)  # type: ignore[arg-type]  # deliverBody is all
+    return collecting.addCallback(lambda _: b"".join(parts))

@@ -56,7 +56,6 @@ from llmnode.web.backend_http import read_answer
 from llmnode.web.server import JOIN_ABOVE
 
 if TYPE_CHECKING:
-
     from llmnode.config import Model, Program
     from llmnode.node import Node
     from llmnode.web.backend_http import BackendAnswer, BackendHTTP
@@ -73,8 +72,6 @@ _REQUEST_DROP = frozenset({b"host", b"content-length", b"expect"})
 
 #: What routing a request gives: its runtime, the body to send and whether it streams.
 Routed = tuple[ModelRuntime, Any, bool]
-
-
 
 
 class _Branch(Resource):
@@ -507,7 +504,7 @@ class Exchange:
 
     def _answered(self, result: BackendAnswer | Failure,
                   sending: Deferred[BackendAnswer]) -> None:
-        self._watch.unwatch(None, sending)
+        self._watch.unwatch(sending)
         try:
             if not isinstance(result, Failure):
                 self._deliver(result)
@@ -650,10 +647,9 @@ class HeaderWatch:
         if self._timer is None and not self._stopped:
             self._timer = self._clock.callLater(self._tick, self._check)
 
-    def unwatch(self, result: T, sending: Deferred[BackendAnswer]) -> T:
-        """Stop watching C{sending} (a callback: passes C{result} on)."""
+    def unwatch(self, sending: Deferred[BackendAnswer]) -> None:
+        """Stop watching C{sending}."""
         self._watched.pop(sending, None)
-        return result
 
     def stop(self) -> None:
         """Cancel the timer and set none again (the node is stopping)."""
@@ -737,7 +733,7 @@ class LoadingComments:
 
     def relay_error(self, response: BackendAnswer) -> None:
         """The backend answered an error after the stream began: pass it on as an event."""
-        d = Deferred.fromCoroutine(read_answer(response))
+        d = read_answer(response)
         d.addCallback(lambda body: self.send_error(BadGateway(
             f"the backend of model {self._model_id!r} answered {response.code}: "
             f"{body[:2000].decode('utf-8', 'replace')}")))

@@ -1,7 +1,7 @@
 """The request as the node's resources see it: one typed seam in front of two HTTP servers.
 
 L{WebRequest} is what a resource may use of a request. The node's own server
-(L{llmnode.web.server.NodeSite}, whose L{llmnode.web.server.NodeRequest}) provides it
+(L{llmnode.web.server.NodeSite}; its requests are L{llmnode.web.server.NodeRequest}s) provides it
 natively; twisted.web provides it through L{TwistedRequest}, the request factory of
 L{TwistedSite}. The resources (the proxy, the relay, the management API) talk to the
 protocol only: no type checks, no probing for attributes.
