@@ -60,6 +60,21 @@ class LoadingCommentsTests(SynchronousTestCase):
         error = json.loads(events[-1][len("data: "):])["error"]
         self.assertIn("bad weights", error["message"])
 
+    def test_a_backend_error_after_comments_ends_with_an_error_event(self):
+        """Once comments have gone out with a 200, a backend's error answer can only come as
+        an error event, which carries what the backend said."""
+        response, body = self.node().call(
+            "POST", "/v1/chat/completions",
+            {"model": "slow", "stream": True, "chunks": 10 ** 9,
+             "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(response.code, 200)
+        events = [e for e in body.decode().split("\n\n") if e]
+        self.assertEqual(events[0], ": waiting 1 s: loading slow")
+        error = json.loads(events[-1][len("data: "):])["error"]
+        self.assertEqual(error["type"], "server_error")
+        self.assertIn("answered 400", error["message"])
+        self.assertIn("chunks must be at most", error["message"])
+
 
 class LoadingCommentsSDKTests(TestCase):
     timeout = 60
